@@ -1,0 +1,11 @@
+"""MedBLIP for 3D brain MRI and EHR text, as a plugin for Salesforce LAVIS.
+
+Importing this package registers its models, processors, dataset builders, tasks and runners
+into ``lavis.common.registry`` (the same registry whether LAVIS was imported before or after).
+Importing never touches the network.
+"""
+from lavis_medblip import assets, pretrained  # noqa: F401  (YAML resolvers ${medblip_asset:…}, ${medblip_pretrained:…})
+from lavis_medblip import models  # noqa: F401
+from lavis_medblip import processors  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,224 @@
+"""The frozen language model behind MedBLIP, decoder-only or encoder-decoder, optionally with LoRA.
+
+One adapter hides the two families from the model:
+
+- decoder-only (GPT-2-style BioMedLM, BioGPT, any Llama-family LM) via ``AutoModelForCausalLM``:
+  the answer follows the prompt in one sequence, and the loss is shifted by one;
+- encoder-decoder (T5) via ``AutoModelForSeq2SeqLM``: the prompt goes to the encoder, the answer
+  is the decoder's target.
+
+A prompt is a list of segments in order (paper eq. 2): the visual prefix (embeddings), the EHR
+text and the question (token ids). The loss is taken on answer tokens only.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+from lavis_medblip.models.weights import from_pretrained_or_explain
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PROMPT_SEGMENTS = ("image", "text", "question")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoRASettings:
+    """LoRA on the LM's attention query/value projections (paper §3.4)."""
+
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    #: ``None`` takes peft's default for the LM family (q/v projections; GPT-2's fused ``c_attn``).
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class PromptBatch:
+    """A batch laid out for the LM: embeddings, mask and (for training/scoring) answer labels."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor | None = None  # decoder-only: aligned with inputs; seq2seq: decoder targets
+
+
+class LanguageModel(nn.Module):
+    """A Hugging Face LM and its tokenizer, frozen, with optional LoRA."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the LM tokenizer {type(tokenizer).__name__} has no eos token; set lm_tokenizer_kwargs.eos_token")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id will do
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "LanguageModel":
+        """Build from the ``lm_*`` keys of a MedBLIP model config (see ``configs/medblip_*.yaml``)."""
+        name = cfg.get("lm_model")
+        overrides = cfg.get("lm_config_overrides")
+        dtype = DTYPES[cfg.get("lm_dtype", "float32")]
+        remote = bool(cfg.get("trust_remote_code", False))
+        gguf_file = cfg.get("lm_gguf_file")
+        tokenizer_source = cfg.get("lm_tokenizer") or name
+        if tokenizer_source is None:
+            raise ValueError("set model.lm_tokenizer (or model.lm_model) to a tokenizer name or folder")
+        tokenizer_kwargs = dict(cfg.get("lm_tokenizer_kwargs") or {})
+        if gguf_file and tokenizer_source == name:
+            tokenizer_kwargs["gguf_file"] = gguf_file
+        tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, "lm_tokenizer", tokenizer_source,
+                          trust_remote_code=remote, **tokenizer_kwargs)
+        if overrides:  # random init from an explicit architecture (tiny CPU configs)
+            overrides = dict(overrides)
+            config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = auto.from_config(config, torch_dtype=dtype)
+        else:
+            config = from_pretrained_or_explain(AutoConfig.from_pretrained, "lm_model", name, trust_remote_code=remote,
+                           **({"gguf_file": gguf_file} if gguf_file else {}))
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = from_pretrained_or_explain(auto.from_pretrained, "lm_model", name, torch_dtype=dtype, trust_remote_code=remote,
+                          **({"gguf_file": gguf_file} if gguf_file else {}))
+        for parameter in model.parameters():
+            parameter.requires_grad = False
+        lora = LoRASettings(**dict(cfg.get("lora") or {}))
+        if lora.enabled:
+            model = _add_lora(model, lora)
+        return cls(model, tokenizer)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().embedding_dim
+
+    def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)
+        return ids["input_ids"]
+
+    # ---- layout ---------------------------------------------------------------------------------
+    def build_batch(
+        self,
+        visual_embeds: torch.Tensor,
+        prompt_ids: Mapping[str, list[list[int]]],
+        order: Sequence[str],
+        answer_ids: list[list[int]] | None = None,
+        left_pad: bool = False,
+    ) -> PromptBatch:
+        """Lay out ``order`` segments (``image`` = visual embeds, others = token ids) per sample.
+
+        Decoder-only: ``[prompt..., answer, eos]``, labels on the answer. Seq2seq: the prompt goes to
+        the encoder, ``[answer, eos]`` is the decoder target. ``left_pad`` is for generation.
+        """
+        batch_size, visual_length, _ = visual_embeds.shape
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        rows, label_rows = [], []
+        for index in range(batch_size):
+            ids, is_visual = [], []
+            for segment in order:
+                if segment == "image":
+                    ids += [pad] * visual_length
+                    is_visual += [True] * visual_length
+                else:
+                    ids += prompt_ids[segment][index]
+                    is_visual += [False] * len(prompt_ids[segment][index])
+            labels = None
+            if answer_ids is not None:
+                target = answer_ids[index] + [eos]
+                if self.is_encoder_decoder:
+                    labels = target
+                else:
+                    labels = [IGNORE_INDEX] * len(ids) + target
+                    ids, is_visual = ids + target, is_visual + [False] * len(target)
+            rows.append((ids, is_visual))
+            label_rows.append(labels)
+
+        length = max(len(ids) for ids, _ in rows)
+        device = visual_embeds.device
+        input_ids = torch.full((batch_size, length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        visual_mask = torch.zeros((batch_size, length), dtype=torch.bool)
+        for index, (ids, is_visual) in enumerate(rows):
+            span = slice(length - len(ids), length) if left_pad else slice(0, len(ids))
+            input_ids[index, span] = torch.tensor(ids)
+            attention_mask[index, span] = 1
+            visual_mask[index, span] = torch.tensor(is_visual)
+        embeds = self.model.get_input_embeddings()(input_ids.to(device))
+        embeds = embeds.masked_scatter(visual_mask.to(device).unsqueeze(-1), visual_embeds.to(embeds.dtype))
+
+        labels = None
+        if answer_ids is not None:
+            label_length = max(len(row) for row in label_rows)
+            labels = torch.full((batch_size, label_length), IGNORE_INDEX, dtype=torch.long)
+            for index, row in enumerate(label_rows):
+                labels[index, : len(row)] = torch.tensor(row)
+            labels = labels.to(device)
+        return PromptBatch(embeds, attention_mask.to(device), labels)
+
+    # ---- scoring, loss, generation ----------------------------------------------------------------
+    def answer_log_likelihood(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sequence: the summed log-probability of the answer tokens, and how many there are."""
+        if batch.labels is None:
+            raise ValueError("answer_log_likelihood needs a batch built with answer_ids")
+        if self.is_encoder_decoder:
+            logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                labels=batch.labels).logits
+            labels = batch.labels
+        else:
+            logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+            logits, labels = logits[:, :-1], batch.labels[:, 1:]
+        valid = labels != IGNORE_INDEX
+        token_log_probs = -F.cross_entropy(
+            logits.float().transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none"
+        )
+        return (token_log_probs * valid).sum(dim=1), valid.sum(dim=1)
+
+    def loss(self, batch: PromptBatch) -> torch.Tensor:
+        """Mean negative log-likelihood over all answer tokens of the batch."""
+        total, count = self.answer_log_likelihood(batch)
+        return -total.sum() / count.sum().clamp(min=1)
+
+    def generate(self, batch: PromptBatch, **generate_kwargs: Any) -> list[str]:
+        """Decode answers for a (left-padded, label-free) prompt batch."""
+        output_ids = self.model.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **generate_kwargs,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+
+def _add_lora(model: nn.Module, lora: LoRASettings) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
+
+    family = model.config.model_type
+    targets = lora.target_modules or DEFAULT_TARGETS.get(family)
+    if not targets:
+        raise ValueError(
+            f"no default LoRA target modules for LM family {family!r}; set model.lora.target_modules "
+            f"(e.g. the attention query/value projection names)"
+        )
+    # GPT-2-style Conv1D layers store weights transposed
+    fan_in_fan_out = any(isinstance(module, Conv1D) for name, module in model.named_modules()
+                         if name.split(".")[-1] in targets)
+    task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(targets), task_type=task,
+                        fan_in_fan_out=fan_in_fan_out)
+    peft_model = get_peft_model(model, config)
+    logger.info("LoRA on %s %s: r=%d alpha=%d dropout=%.2f", family, targets, lora.r, lora.alpha, lora.dropout)
+    return peft_model

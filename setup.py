@@ -1,0 +1,42 @@
+"""lavis-medblip: MedBLIP (3D brain MRI + EHR text) as a plugin for Salesforce LAVIS.
+
+LAVIS 1.0.2's own metadata pins transformers<4.27, which cannot run decoder-only LMs from
+``inputs_embeds`` nor Llama-family models; install it with ``pip install --no-deps
+salesforce-lavis==1.0.2`` next to the ranges below (``requirements/lock.txt`` has exact pins).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="lavis-medblip",
+    version="0.1.0",
+    description="MedBLIP for 3D brain MRI and EHR text, registered into Salesforce LAVIS",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lavis_medblip", "lavis_medblip.*", "dataset_builders", "dataset_builders.*"]),
+    package_data={"lavis_medblip": ["models/configs/*.yaml", "assets/*", "assets/**/*"]},
+    install_requires=[
+        # salesforce-lavis==1.0.2 is required too, installed with --no-deps (see above).
+        "torch>=2.1",
+        "torchvision",
+        "transformers>=4.40,<=4.51.3",  # >=4.52 drops .generate from LAVIS's BERT/T5/OPT; >=4.56 breaks import
+        "peft>=0.14,<0.22",
+        "numpy<2",  # opencv and LAVIS's RandomAugment
+        "omegaconf>=2.1",
+        "nibabel>=5",
+        "scipy>=1.10",
+        "sentencepiece",
+        "sacremoses",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest"], "gguf": ["gguf"], "dicom": ["pydicom"]},
+    entry_points={
+        "console_scripts": [
+            "medblip-train=lavis_medblip.train:main",
+            "medblip-evaluate=lavis_medblip.evaluate:main",
+        ]
+    },
+)
