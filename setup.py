@@ -15,7 +15,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["lavis_medblip", "lavis_medblip.*", "dataset_builders", "dataset_builders.*"]),
-    package_data={"lavis_medblip": ["models/configs/*.yaml", "assets/*", "assets/**/*"]},
+    package_data={"lavis_medblip": ["models/configs/*.yaml", "assets/*", "assets/**/*", "configs/**/*.yaml"]},
     install_requires=[
         # salesforce-lavis==1.0.2 is required too, installed with --no-deps (see above).
         "torch>=2.1",

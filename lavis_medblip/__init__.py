@@ -5,7 +5,6 @@ into ``lavis.common.registry`` (the same registry whether LAVIS was imported bef
 Importing never touches the network.
 """
 from lavis_medblip import assets, pretrained  # noqa: F401  (YAML resolvers ${medblip_asset:…}, ${medblip_pretrained:…})
-from lavis_medblip import models  # noqa: F401
-from lavis_medblip import processors  # noqa: F401
+from lavis_medblip import datasets, models, processors, runners, tasks  # noqa: F401
 
 __version__ = "0.1.0"

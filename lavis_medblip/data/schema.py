@@ -14,6 +14,7 @@ and the registered LAVIS builders read it. Example line::
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -56,28 +57,52 @@ class AnnotationRecord:
             raise ValueError(f"{prefix}split {self.split!r} is not one of {list(SPLITS)}")
 
 
+logger = logging.getLogger(__name__)
+
 REQUIRED_KEYS = ("image", "subject_id", "label", "split")
 
 
-def read_annotations(path: str | Path) -> Iterator[AnnotationRecord]:
-    """Yield validated records; a malformed line raises ``ValueError`` naming file and line."""
+def read_annotations(
+    path: str | Path, on_error: str = "raise", skipped: list[str] | None = None
+) -> Iterator[AnnotationRecord]:
+    """Yield validated records from a JSONL file.
+
+    A malformed line raises ``ValueError`` naming file and line; with ``on_error="skip"`` it is
+    logged and appended to ``skipped`` instead.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
     with path.open(encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
-            where = f"{path}:{line_number}"
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
-            missing = [key for key in REQUIRED_KEYS if key not in row]
-            if missing:
-                raise ValueError(f"{where}: missing key(s) {missing}")
-            known = {key: row[key] for key in AnnotationRecord.__dataclass_fields__ if key in row}
-            record = AnnotationRecord(**known)
-            record.validate(where)
-            yield record
+                yield _parse_line(line, f"{path}:{line_number}")
+            except ValueError as error:
+                if on_error == "raise":
+                    raise
+                logger.warning("skipped annotation: %s", error)
+                if skipped is not None:
+                    skipped.append(str(error))
+
+
+def _parse_line(line: str, where: str) -> AnnotationRecord:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in row]
+    if missing:
+        raise ValueError(f"{where}: missing key(s) {missing}")
+    known = {key: row[key] for key in AnnotationRecord.__dataclass_fields__ if key in row}
+    record = AnnotationRecord(**known)
+    record.validate(where)
+    return record
 
 
 def write_annotations(path: str | Path, records: Iterable[AnnotationRecord]) -> int:

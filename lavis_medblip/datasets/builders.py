@@ -1,0 +1,93 @@
+"""Registered LAVIS dataset builders for brain-MRI cohorts in the project's annotation schema.
+
+A builder is LAVIS's three attributes plus a defaults YAML (``configs/datasets/<name>.yaml``):
+annotation files per split, an optional image root, the classes, and ``on_error``. A project
+YAML drops a default split with ``<split>: null``; ``brain_mri`` has no default splits. Relative
+storage paths resolve against LAVIS's ``cache_root`` (our launchers set it to the working
+directory); absolute paths are used as they are. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+
+from lavis_medblip.datasets.mri_dataset import MRIAnnotationDataset
+
+logger = logging.getLogger(__name__)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
+
+
+def resolve_storage(path: str) -> str:
+    """Absolute paths stay; relative ones are joined to LAVIS's ``cache_root``."""
+    path = os.path.expanduser(str(path))
+    return path if os.path.isabs(path) else os.path.join(registry.get_path("cache_root"), path)
+
+
+class BrainMRIBuilder(BaseDatasetBuilder):
+    """Any dataset in the annotation schema; the cohort builders below differ only in defaults."""
+
+    train_dataset_cls = MRIAnnotationDataset
+    eval_dataset_cls = MRIAnnotationDataset
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "brain_mri.yaml")}
+
+    def build_datasets(self) -> dict[str, MRIAnnotationDataset]:
+        self.build_processors()
+        return self.build()
+
+    def build(self) -> dict[str, MRIAnnotationDataset]:
+        build_info = self.config.build_info
+        image_root = (build_info.get("images") or {}).get("storage")
+        datasets = {}
+        for split, info in build_info.annotations.items():
+            storage = info.get("storage") if info is not None else None
+            if not storage:  # a split set to null in a project YAML is not built
+                continue
+            paths = [resolve_storage(p) for p in (storage if OmegaConf.is_list(storage) or isinstance(storage, list) else [storage])]
+            is_train = split == "train"
+            dataset_cls = self.train_dataset_cls if is_train else self.eval_dataset_cls
+            datasets[split] = dataset_cls(
+                vis_processor=self.vis_processors["train" if is_train else "eval"],
+                text_processor=self.text_processors["train" if is_train else "eval"],
+                ann_paths=paths,
+                image_root=resolve_storage(image_root) if image_root else None,
+                class_names=list(self.config.get("classes", ["NC", "MCI", "AD"])),
+                on_error=self.config.get("on_error", "raise"),
+                require_label=not is_train,
+            )
+            logger.info("%s/%s: %d samples from %s", self.config.get("name", type(self).__name__), split,
+                        len(datasets[split]), paths)
+        return datasets
+
+
+registry.register_builder("brain_mri")(BrainMRIBuilder)
+
+
+@registry.register_builder("adni")
+class ADNIBuilder(BrainMRIBuilder):
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "adni.yaml")}
+
+
+@registry.register_builder("nacc")
+class NACCBuilder(BrainMRIBuilder):
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "nacc.yaml")}
+
+
+@registry.register_builder("oasis")
+class OASISBuilder(BrainMRIBuilder):
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "oasis.yaml")}
+
+
+@registry.register_builder("aibl")
+class AIBLBuilder(BrainMRIBuilder):
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "aibl.yaml")}
+
+
+@registry.register_builder("miriad")
+class MIRIADBuilder(BrainMRIBuilder):
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "miriad.yaml")}

@@ -1,0 +1,109 @@
+"""A map-style dataset over annotation files in the project's schema (3D scan + EHR text + label).
+
+Bad input never crashes mid-epoch unseen: with ``on_error: raise`` the error names the file (and
+annotation line) and the problem; with ``on_error: skip`` the sample is logged, dropped by the
+collater, and counted in ``num_skipped`` so the task can report it in the run's log.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
+from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
+
+logger = logging.getLogger(__name__)
+
+
+class MRIAnnotationDataset(Dataset):
+    """Yields ``{image, text_input, question, text_output, label, instance_id, subject_id}``.
+
+    ``text_output`` is the class answer the LM learns to say (``CLASS_ANSWERS``); ``label`` is the
+    index into ``class_names`` (-1 for records without a diagnosis, e.g. OASIS-1 pretraining pairs).
+    """
+
+    def __init__(
+        self,
+        vis_processor: Callable[[Any], torch.Tensor],
+        text_processor: Callable[[str], str],
+        ann_paths: Sequence[str | os.PathLike],
+        image_root: str | os.PathLike | None = None,
+        class_names: Sequence[str] = CLASS_NAMES,
+        question: str = DIAGNOSIS_QUESTION,
+        on_error: str = "raise",
+        require_label: bool = False,
+    ):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        unknown = [name for name in class_names if name not in CLASS_ANSWERS]
+        if unknown:
+            raise ValueError(f"class_names {unknown} are not among {list(CLASS_ANSWERS)}")
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.class_names = list(class_names)
+        self.class_answers = [CLASS_ANSWERS[name] for name in self.class_names]
+        self.question = question
+        self.on_error = on_error
+        self.skipped_annotations: list[str] = []
+        self.records: list[tuple[AnnotationRecord, Path]] = []
+        for ann_path in ann_paths:
+            folder = Path(image_root) if image_root else Path(ann_path).parent
+            for record in read_annotations(ann_path, on_error=on_error, skipped=self.skipped_annotations):
+                problem = self._check_label(record, require_label)
+                if problem:
+                    if on_error == "raise":
+                        raise ValueError(f"{ann_path}: subject {record.subject_id} ({record.image}): {problem}")
+                    logger.warning("skipped annotation %s (%s): %s", ann_path, record.image, problem)
+                    self.skipped_annotations.append(f"{ann_path}: {record.image}: {problem}")
+                    continue
+                self.records.append((record, folder / record.image))
+        if self.skipped_annotations:
+            logger.warning("%d annotation(s) skipped while reading %s", len(self.skipped_annotations), list(ann_paths))
+
+    def _check_label(self, record: AnnotationRecord, require_label: bool) -> str | None:
+        if record.label is None:
+            return "no diagnosis label" if require_label else None
+        if record.label not in self.class_names:
+            return f"label {record.label!r} is not one of this dataset's classes {self.class_names}"
+        return None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record, image_path = self.records[index]
+        try:
+            image = self.vis_processor(str(image_path))
+        except (OSError, ValueError, RuntimeError) as error:
+            if self.on_error == "raise":
+                raise type(error)(f"sample {index} ({image_path}): {error}") from error
+            logger.warning("skipped sample %d (%s): %s", index, image_path, error)
+            return None
+        label = self.class_names.index(record.label) if record.label is not None else -1
+        return {
+            "image": image,
+            "text_input": self.text_processor(record.text),
+            "question": self.question,
+            "text_output": self.class_answers[label] if label >= 0 else "",
+            "label": label,
+            "instance_id": f"{record.subject_id}/{record.visit}" if record.visit else record.subject_id,
+            "subject_id": record.subject_id,
+            "site": record.site,
+        }
+
+    def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        """Stack a batch, dropping skipped samples; ``num_skipped`` says how many were dropped."""
+        kept = [sample for sample in samples if sample is not None]
+        batch: dict[str, Any] = {"num_skipped": len(samples) - len(kept)}
+        if not kept:
+            return batch
+        batch["image"] = torch.stack([sample["image"] for sample in kept])
+        batch["label"] = torch.tensor([sample["label"] for sample in kept], dtype=torch.long)
+        for key in ("text_input", "question", "text_output", "instance_id", "subject_id", "site"):
+            batch[key] = [sample[key] for sample in kept]
+        return batch

@@ -1,0 +1,87 @@
+"""What ``lavis_medblip.train`` and ``lavis_medblip.evaluate`` share, following LAVIS's own
+``train.py`` / ``evaluate.py``: job id, config (registered defaults < project YAML < ``--options``),
+distributed init, seeds, logger, task → datasets → model → the runner named by the config.
+
+Differences from LAVIS's scripts, all for running anywhere: the process group uses gloo when
+there is no CUDA; ``cache_root`` and ``output_dir`` resolve under the working directory.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers)
+import lavis.tasks as tasks
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, setup_for_distributed
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+from lavis.common.utils import now
+
+import lavis_medblip  # noqa: F401  (registers models, processors, builders, tasks, runners)
+
+
+def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to a project YAML, e.g. projects/medblip/demo_pretrain.yaml")
+    parser.add_argument("--options", nargs="+", help="override settings as key=value, e.g. run.max_epoch=2")
+    return parser.parse_args(argv)
+
+
+def init_distributed_mode(run_cfg) -> None:
+    """LAVIS's ``init_distributed_mode`` with gloo (and no ``cuda.set_device``) when there is no GPU."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        run_cfg.distributed = False
+        return
+    run_cfg.rank, run_cfg.world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    run_cfg.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    run_cfg.distributed = True
+    use_cuda = torch.cuda.is_available() and str(run_cfg.get("device", "cuda")).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(run_cfg.gpu)
+    else:
+        run_cfg.device = "cpu"
+    run_cfg.dist_backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=run_cfg.dist_backend, init_method=run_cfg.get("dist_url", "env://"),
+                            world_size=run_cfg.world_size, rank=run_cfg.rank, timeout=datetime.timedelta(hours=2))
+    dist.barrier()
+    setup_for_distributed(run_cfg.rank == 0)
+
+
+def setup_seeds(config: Config) -> None:
+    seed = int(config.run_cfg.seed) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_runner(argv: Sequence[str] | None, description: str):
+    """Parse the command line and build (runner, config) exactly as LAVIS's scripts do."""
+    args = parse_args(argv, description)
+    job_id = now()
+    cfg = Config(args)
+    if not torch.cuda.is_available() and str(cfg.run_cfg.get("device", "cuda")).startswith("cuda"):
+        logging.warning("no CUDA device: running on CPU")
+        cfg.run_cfg.device = "cpu"
+    init_distributed_mode(cfg.run_cfg)
+    setup_seeds(cfg)
+    setup_logger()
+    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(cfg.run_cfg.get("cache_root", ".")))
+    cfg.run_cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.run_cfg.output_dir))
+    cfg.pretty_print()
+
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", "medblip_runner"))
+    if runner_cls is None:
+        raise KeyError(f"runner {cfg.run_cfg.get('runner')!r} is not registered")
+    return runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets), cfg

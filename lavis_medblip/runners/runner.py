@@ -1,0 +1,207 @@
+"""``medblip_runner``: LAVIS's ``RunnerBase`` with what breaks off-GPU fixed, and safer checkpoints.
+
+On a GPU it trains as LAVIS does (DDP on ``device_ids=[gpu]``, prefetching loaders, AMP). What
+differs, and why:
+
+- the ``model`` property also wraps when the model is already on the device (on CPU it was None);
+- DDP gets no ``device_ids`` on CPU, loaders no CUDA streams or pinned memory;
+- every epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches;
+- checkpoints hold the trainable parameters only, are written atomically (temp file, then
+  rename), and ``checkpoint_latest.pth`` / ``checkpoint_best.pth`` are kept; resume restores
+  model, optimizer, scaler, epoch, best metric and RNG states;
+- ``output_dir`` is absolute or relative to the working directory, never inside site-packages;
+- barriers are guarded, so one process without a process group works.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
+from lavis.common.registry import registry
+from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
+from lavis.runners.runner_base import RunnerBase
+
+logger = logging.getLogger(__name__)
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+class EpochLoader:
+    """An endless training iterator (like LAVIS's ``IterLoader``) whose epoch order is (seed, epoch)."""
+
+    def __init__(self, loader: Any, sampler: DistributedSampler):
+        self.loader, self.sampler = loader, sampler
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+        self._iterator = iter(self.loader)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.set_epoch(self.epoch + 1)
+            return next(self._iterator)
+
+    def __iter__(self) -> "EpochLoader":
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+@registry.register_runner("medblip_runner")
+class MedBLIPRunner(RunnerBase):
+    def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str):
+        self.best_agg_metric, self.best_epoch = float("-inf"), -1
+        super().__init__(cfg, task, model, datasets, job_id)
+
+    # ---- device and distributed ---------------------------------------------------------------------
+    @property
+    def model(self) -> torch.nn.Module:
+        if self._wrapped_model is None:
+            if self.device.type == "cpu":
+                self._model = self._model.float()  # fp16 ViT/LM weights are for GPUs
+            self._model = self._model.to(self.device)
+            if self.use_distributed:
+                device_ids = [self.config.run_cfg.gpu] if self.device.type == "cuda" else None
+                self._wrapped_model = DDP(self._model, device_ids=device_ids,
+                                          find_unused_parameters=self.config.run_cfg.get("find_unused_parameters", False))
+            else:
+                self._wrapped_model = self._model
+        return self._wrapped_model
+
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        loaders = []
+        seed = int(self.config.run_cfg.get("seed", 42))
+        for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            if isinstance(dataset, (list, tuple)):
+                raise ValueError("medblip_runner takes map-style datasets only (no webdataset pipelines)")
+            sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=is_train,
+                                         seed=seed, drop_last=is_train)
+            if not is_train and not self.use_dist_eval_sampler:
+                sampler = None
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, sampler=sampler,
+                                collate_fn=collate_fn, drop_last=is_train, pin_memory=self.device.type == "cuda")
+            if self.device.type == "cuda":
+                loader = PrefetchLoader(loader)
+            loaders.append(EpochLoader(loader, sampler) if is_train else loader)
+        return loaders
+
+    def setup_output_dir(self) -> None:
+        output_dir = Path(self.config.run_cfg.output_dir).expanduser().resolve() / self.job_id
+        result_dir = output_dir / "result"
+        result_dir.mkdir(parents=True, exist_ok=True)
+        for name, path in (("result_dir", result_dir), ("output_dir", output_dir)):
+            registry.mapping["paths"][name] = str(path)  # LAVIS refuses to re-register a path
+        self.result_dir, self.output_dir = result_dir, output_dir
+
+    @property
+    def evaluate_only(self) -> bool:
+        return bool(self.config.run_cfg.get("evaluate", False))  # optional in our YAMLs
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict:
+        self.train_loader.set_epoch(epoch)
+        return super().train_epoch(epoch)
+
+    def train(self) -> None:
+        start_time = time.time()
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path:
+            self._load_checkpoint(self.resume_ckpt_path)
+
+        cur_epoch = self.start_epoch
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                self.log_stats(split_name="train", stats={**self.train_epoch(cur_epoch), "epoch": cur_epoch})
+            is_best = not self.valid_splits
+            for split_name in self.valid_splits:
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                if val_log is not None and is_main_process():
+                    if split_name == self.valid_splits[0] and val_log["agg_metrics"] > self.best_agg_metric:
+                        self.best_agg_metric, self.best_epoch, is_best = val_log["agg_metrics"], cur_epoch, True
+                    self.log_stats({**val_log, "best_epoch": self.best_epoch, "epoch": cur_epoch}, split_name)
+            if self.evaluate_only:
+                break
+            self._save_checkpoint(cur_epoch, is_best=is_best)
+            barrier()
+
+        self.evaluate(cur_epoch="best" if self.valid_splits else cur_epoch, skip_reload=self.evaluate_only)
+        logger.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def evaluate(self, cur_epoch: Any = "best", skip_reload: bool = False) -> dict:
+        test_logs = {}
+        for split_name in self.test_splits:
+            test_logs[split_name] = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch, skip_reload=skip_reload)
+            if test_logs[split_name] is not None:
+                self.log_stats(test_logs[split_name], split_name)
+        return test_logs
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def _save_checkpoint(self, cur_epoch: int, is_best: bool = False) -> None:
+        if not is_main_process():
+            return
+        model = self.unwrap_dist_model(self.model)
+        state = {
+            "model": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": cur_epoch,
+            "best_agg_metric": self.best_agg_metric,
+            "best_epoch": self.best_epoch,
+            "config": self.config.to_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+        latest = self.output_dir / "checkpoint_latest.pth"
+        _atomic_save(state, latest)
+        logger.info("Saved epoch %d checkpoint (trainable parameters only) to %s", cur_epoch, latest)
+        if is_best:
+            _atomic_save(state, self.output_dir / "checkpoint_best.pth")
+
+    def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        path = self.output_dir / "checkpoint_best.pth"
+        logger.info("Loading the best checkpoint from %s", path)
+        model.load_checkpoint(str(path))
+        return model
+
+    def _load_checkpoint(self, url_or_filename: str) -> None:
+        """Resume: model (trainable parameters), optimizer, scaler, epoch, best metric, RNG states."""
+        model = self.unwrap_dist_model(self.model)
+        model.load_checkpoint(url_or_filename)
+        checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = checkpoint["epoch"] + 1
+        self.best_agg_metric = checkpoint.get("best_agg_metric", float("-inf"))
+        self.best_epoch = checkpoint.get("best_epoch", -1)
+        if "rng" in checkpoint:
+            torch.set_rng_state(checkpoint["rng"]["torch"])
+            np.random.set_state(checkpoint["rng"]["numpy"])
+            random.setstate(checkpoint["rng"]["python"])
+        logger.info("Resumed from %s: continuing at epoch %d", url_or_filename, self.start_epoch)
+
+
+def _atomic_save(state: dict, path: Path) -> None:
+    """Write next to the target, then rename: a killed run never leaves a half-written checkpoint."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)

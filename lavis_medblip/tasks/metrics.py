@@ -1,0 +1,94 @@
+"""Classification metrics for diagnosis: plain numpy, checked against hand-computed cases in the tests.
+
+Predictions may include ``-1`` ("invalid": a generated answer that matched no class); it counts as
+wrong everywhere and has its own column in the confusion matrix.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+INVALID = -1
+
+
+def confusion_matrix(labels: Sequence[int], predictions: Sequence[int], num_classes: int) -> np.ndarray:
+    """Rows: true class; columns: predicted class, then one "invalid" column."""
+    matrix = np.zeros((num_classes, num_classes + 1), dtype=np.int64)
+    for label, prediction in zip(labels, predictions):
+        matrix[label, prediction if prediction != INVALID else num_classes] += 1
+    return matrix
+
+
+def roc_auc(positive_scores: np.ndarray, is_positive: np.ndarray) -> float:
+    """Area under the ROC curve = P(score of a positive > score of a negative), ties count half."""
+    positives, negatives = positive_scores[is_positive], positive_scores[~is_positive]
+    if len(positives) == 0 or len(negatives) == 0:
+        return float("nan")
+    greater = (positives[:, None] > negatives[None, :]).sum()
+    ties = (positives[:, None] == negatives[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
+
+
+def classification_metrics(
+    labels: Sequence[int],
+    predictions: Sequence[int],
+    class_names: Sequence[str],
+    scores: np.ndarray | None = None,
+) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall, confusion, one-vs-rest AUROC.
+
+    ``scores`` (N × C, higher = more likely) gives the AUROCs; a class absent from ``labels`` gets NaN.
+    """
+    labels, predictions = np.asarray(labels, dtype=np.int64), np.asarray(predictions, dtype=np.int64)
+    num_classes = len(class_names)
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    true_positives = np.diag(matrix[:, :num_classes]).astype(float)
+    support = matrix.sum(axis=1).astype(float)
+    predicted = matrix[:, :num_classes].sum(axis=0).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(support > 0, true_positives / support, np.nan)
+        precision = np.where(predicted > 0, true_positives / predicted, 0.0)
+        f1 = np.where(precision + np.nan_to_num(recall) > 0,
+                      2 * precision * recall / (precision + recall), 0.0)
+    present = support > 0
+    metrics = {
+        "num_samples": int(len(labels)),
+        "accuracy": float((labels == predictions).mean()) if len(labels) else float("nan"),
+        "balanced_accuracy": float(np.nanmean(recall[present])) if present.any() else float("nan"),
+        "macro_f1": float(np.mean(f1[present])) if present.any() else float("nan"),
+        "num_invalid": int((predictions == INVALID).sum()),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                   "support": int(support[i])}
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": {"labels": list(class_names), "columns": [*class_names, "invalid"],
+                             "counts": matrix.tolist()},
+    }
+    if scores is not None:
+        scores = np.asarray(scores, dtype=float)
+        metrics["auroc"] = {name: roc_auc(scores[:, i], labels == i) for i, name in enumerate(class_names)}
+        valid = [value for value in metrics["auroc"].values() if not np.isnan(value)]
+        metrics["macro_auroc"] = float(np.mean(valid)) if valid else float("nan")
+    return metrics
+
+
+def match_generated_answer(text: str, class_answers: Sequence[str], class_names: Sequence[str]) -> int:
+    """Index of the class a generated answer names, or ``INVALID`` when it names none or several.
+
+    Matches the class answer ("Alzheimer's disease") or the class code ("AD") as whole words,
+    case-insensitively; "not demented" is checked before "demented"-like answers by taking the
+    longest match.
+    """
+    import re
+
+    lowered = text.lower()
+    found = set()
+    for index, (answer, name) in enumerate(zip(class_answers, class_names)):
+        for phrase in (answer.lower(), name.lower()):
+            if re.search(rf"(?<![\w']){re.escape(phrase)}(?![\w'])", lowered):
+                found.add(index)
+    if len(found) > 1:  # e.g. "not demented" also contains no other class phrase; ambiguity is invalid
+        return INVALID
+    return found.pop() if found else INVALID

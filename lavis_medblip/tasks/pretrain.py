@@ -1,0 +1,39 @@
+"""``medblip_pretrain``: ITC(image, EHR) + ITC(image, Q&A) + λ·LM, each term logged."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+
+from lavis.common.dist_utils import is_main_process
+from lavis.common.registry import registry
+
+from lavis_medblip.tasks.base import LOSS_TERMS, MedBLIPTask
+
+logger = logging.getLogger(__name__)
+
+
+@registry.register_task("medblip_pretrain")
+class MedBLIPPretrainTask(MedBLIPTask):
+    """Validation reports the mean loss terms; ``agg_metrics`` is minus the total loss."""
+
+    def valid_step(self, model: torch.nn.Module, samples: dict[str, Any]) -> list[dict]:
+        output = model(samples)
+        count = len(samples["text_input"])
+        return [{"count": count, **{term: float(output[term]) * count for term in LOSS_TERMS}}]
+
+    def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
+        result_file = self.save_result(val_result, registry.get_path("result_dir"), f"{split_name}_epoch{epoch}_losses")
+        if not is_main_process():
+            return None
+        with open(result_file) as handle:
+            merged = json.load(handle)
+        count = sum(row["count"] for row in merged)
+        metrics = {term: sum(row[term] for row in merged) / max(count, 1) for term in LOSS_TERMS}
+        metrics.update(agg_metrics=-metrics["loss"], num_samples=count, num_skipped=self.eval_num_skipped)
+        with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as handle:
+            handle.write(json.dumps({split_name: metrics}) + "\n")
+        return metrics
