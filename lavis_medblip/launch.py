@@ -66,12 +66,15 @@ def setup_seeds(config: Config) -> None:
 def build_runner(argv: Sequence[str] | None, description: str):
     """Parse the command line and build (runner, config) exactly as LAVIS's scripts do."""
     args = parse_args(argv, description)
-    job_id = now()
     cfg = Config(args)
     if not torch.cuda.is_available() and str(cfg.run_cfg.get("device", "cuda")).startswith("cuda"):
         logging.warning("no CUDA device: running on CPU")
         cfg.run_cfg.device = "cpu"
     init_distributed_mode(cfg.run_cfg)
+    job_id = [now()]
+    if cfg.run_cfg.distributed:  # one output folder even when ranks start on either side of a minute
+        dist.broadcast_object_list(job_id, src=0)
+    job_id = job_id[0]
     setup_seeds(cfg)
     setup_logger()
     registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(cfg.run_cfg.get("cache_root", ".")))

@@ -1,4 +1,7 @@
-"""The pictures: confusion matrices, MRI slices with class probabilities, loss curves (matplotlib, Agg)."""
+"""The pictures: confusion matrices, MRI slices with class probabilities, loss curves (matplotlib, Agg).
+
+``draw_*`` functions draw into given axes (to compose reports); ``plot_*`` functions write a PNG.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,10 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "") -> Path:
-    """Draw ``classification_metrics(...)["confusion_matrix"]`` (rows true, columns predicted + invalid)."""
+def draw_confusion_matrix(axes, confusion: Mapping, title: str = "") -> None:
+    """``classification_metrics(...)["confusion_matrix"]``: rows true, columns predicted + invalid."""
     counts = np.asarray(confusion["counts"])
-    figure, axes = plt.subplots(figsize=(1.6 + 1.1 * counts.shape[1], 1.4 + 1.0 * counts.shape[0]))
     axes.imshow(counts, cmap="Blues")
     axes.set_xticks(range(counts.shape[1]), confusion["columns"], rotation=30, ha="right")
     axes.set_yticks(range(counts.shape[0]), confusion["labels"])
@@ -24,32 +26,56 @@ def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "")
         axes.text(column, row, str(value), ha="center", va="center",
                   color="white" if value > counts.max() / 2 else "black")
     axes.set_title(title, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return Path(path)
+
+
+def draw_slices(axes_triplet: Sequence, volume: np.ndarray, label: str = "") -> None:
+    """Sagittal, coronal and axial middle slices of a (S, S, S) RAS volume."""
+    volume = np.asarray(volume, dtype=np.float32)
+    x, y, z = (size // 2 for size in volume.shape)
+    views = (("sagittal", volume[x, :, :].T), ("coronal", volume[:, y, :].T), ("axial", volume[:, :, z].T))
+    for axes, (name, image) in zip(axes_triplet, views):
+        axes.imshow(image, cmap="gray", origin="lower")
+        axes.set_title(f"{label} {name}".strip(), fontsize=9)
+        axes.axis("off")
+
+
+def draw_probabilities(axes, probabilities: Sequence[float], class_names: Sequence[str], title: str = "") -> None:
+    axes.barh(list(class_names), list(probabilities), color="tab:blue")
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("probability")
+    axes.set_title(title, fontsize=9)
+
+
+def draw_loss_curves(axes, curves: Mapping[str, Sequence[float]], ylabel: str = "loss") -> None:
+    """One moving-averaged curve per name (window: 1/20 of the run)."""
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=float)
+        window = max(1, len(values) // 20)
+        axes.plot(np.convolve(values, np.ones(window) / window, mode="valid"), label=name)
+    axes.set_xlabel("step")
+    axes.set_ylabel(f"{ylabel} (moving average)")
+    axes.legend(fontsize=8)
+
+
+def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "") -> Path:
+    counts = np.asarray(confusion["counts"])
+    figure, axes = plt.subplots(figsize=(1.6 + 1.1 * counts.shape[1], 1.4 + 1.0 * counts.shape[0]))
+    draw_confusion_matrix(axes, confusion, title)
+    return _save(figure, path)
 
 
 def plot_volume_report(
     volume: np.ndarray, probabilities: Sequence[float], class_names: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
-    """Axial, coronal and sagittal middle slices of a (S, S, S) RAS volume, plus a probability bar chart."""
-    volume = np.asarray(volume, dtype=np.float32)
-    centre = [size // 2 for size in volume.shape]
-    slices = {
-        "sagittal": volume[centre[0], :, :].T,
-        "coronal": volume[:, centre[1], :].T,
-        "axial": volume[:, :, centre[2]].T,
-    }
+    """Three orthogonal slices and the class probabilities, in one PNG."""
     figure, axes = plt.subplots(1, 4, figsize=(13, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
-    for axis, (name, image) in zip(axes, slices.items()):
-        axis.imshow(image, cmap="gray", origin="lower")
-        axis.set_title(name)
-        axis.axis("off")
-    axes[3].barh(list(class_names), list(probabilities), color="tab:blue")
-    axes[3].set_xlim(0, 1)
-    axes[3].set_xlabel("probability")
+    draw_slices(axes[:3], volume)
+    draw_probabilities(axes[3], probabilities, class_names)
     figure.suptitle(title, fontsize=10)
+    return _save(figure, path)
+
+
+def _save(figure, path: str | Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

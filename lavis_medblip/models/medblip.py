@@ -64,13 +64,29 @@ class CandidateRanking:
     predictions: list[str]
 
 
+def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
+    """BLIP-2's ITC: each text is matched by its most similar query; negatives come from all ranks.
+
+    ``image_feats`` (B, queries, D) and ``text_feat`` (B, D) are L2-normalised. Gathered features
+    carry no gradient (as in BLIP-2); the loss equals the single-process loss on the global batch.
+    """
+    image_feats_all = concat_all_gather(image_feats)
+    text_feat_all = concat_all_gather(text_feat)
+    sim_i2t = torch.einsum("bqd,td->btq", image_feats, text_feat_all).max(-1).values / temp
+    sim_t2i = torch.einsum("td,bqd->tbq", text_feat, image_feats_all).max(-1).values / temp
+    batch_size = image_feats.shape[0]
+    targets = torch.arange(batch_size, device=image_feats.device) + get_rank() * batch_size
+    return (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+
+
 @registry.register_model("medblip")
 class MedBLIP(Blip2Base):
     """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         name: str(CONFIG_DIR / f"medblip_{name}.yaml")  # absolute: LAVIS joins it to its own dir
-        for name in ("biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora", "tiny")
+        for name in ("biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora", "tiny", "demo")
     }
 
     def __init__(
@@ -221,15 +237,7 @@ class MedBLIP(Blip2Base):
         return F.normalize(self.text_proj(output.last_hidden_state[:, 0, :]), dim=-1)
 
     def itc_loss(self, image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
-        """BLIP-2's image-text contrastive loss: max similarity over queries, all-gathered negatives."""
-        image_feats_all = concat_all_gather(image_feats)
-        text_feat_all = concat_all_gather(text_feat)
-        sim_i2t = torch.einsum("bqd,td->btq", image_feats, text_feat_all).max(-1).values / self.temp
-        sim_t2i = torch.einsum("td,bqd->tbq", text_feat, image_feats_all).max(-1).values / self.temp
-        batch_size = image_feats.shape[0]
-        targets = torch.arange(batch_size, device=image_feats.device) + get_rank() * batch_size
-        return (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
-                + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
+        return image_text_contrastive_loss(image_feats, text_feat, self.temp)
 
     # ---- prompts ----------------------------------------------------------------------------------
     def _questions(self, samples: Mapping[str, Any], batch_size: int) -> list[str]:

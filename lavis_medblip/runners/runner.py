@@ -42,18 +42,26 @@ def barrier() -> None:
 
 
 class EpochLoader:
-    """An endless training iterator (like LAVIS's ``IterLoader``) whose epoch order is (seed, epoch)."""
+    """An endless training iterator (like LAVIS's ``IterLoader``) whose epoch is a function of (seed, epoch).
 
-    def __init__(self, loader: Any, sampler: DistributedSampler):
-        self.loader, self.sampler = loader, sampler
-        self.set_epoch(0)
+    The sampler's shuffle and the loader's worker seeds (hence augmentation in workers) are both
+    re-seeded per epoch, so a resumed run sees the same batches, and iterating never draws from
+    the global RNG.
+    """
+
+    def __init__(self, loader: Any, sampler: DistributedSampler, generator: torch.Generator, seed: int):
+        self.loader, self.sampler, self.generator, self.seed = loader, sampler, generator, seed
+        self.epoch, self._iterator = 0, None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(self.seed + epoch)
         self._iterator = iter(self.loader)
 
     def __next__(self) -> Any:
+        if self._iterator is None:
+            self.set_epoch(self.epoch)
         try:
             return next(self._iterator)
         except StopIteration:
@@ -98,11 +106,13 @@ class MedBLIPRunner(RunnerBase):
                                          seed=seed, drop_last=is_train)
             if not is_train and not self.use_dist_eval_sampler:
                 sampler = None
+            generator = torch.Generator().manual_seed(seed)
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, sampler=sampler,
-                                collate_fn=collate_fn, drop_last=is_train, pin_memory=self.device.type == "cuda")
+                                collate_fn=collate_fn, drop_last=is_train, pin_memory=self.device.type == "cuda",
+                                generator=generator)
             if self.device.type == "cuda":
                 loader = PrefetchLoader(loader)
-            loaders.append(EpochLoader(loader, sampler) if is_train else loader)
+            loaders.append(EpochLoader(loader, sampler, generator, seed) if is_train else loader)
         return loaders
 
     def setup_output_dir(self) -> None:

@@ -7,14 +7,17 @@ result merging across ranks) is LAVIS's.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from lavis.common.dist_utils import is_dist_avail_and_initialized
+from lavis.common.dist_utils import get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.logger import MetricLogger, SmoothedValue
+from lavis.common.registry import registry
 from lavis.datasets.data_utils import prepare_sample
 from lavis.tasks.base_task import BaseTask
 
@@ -29,6 +32,22 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+class StepLog:
+    """Per-step losses as JSON lines in ``<output_dir>/train_steps.jsonl`` (rank 0), for loss curves."""
+
+    def __init__(self) -> None:
+        output_dir = registry.get_path("output_dir")
+        self.handle = open(os.path.join(output_dir, "train_steps.jsonl"), "a") if output_dir and is_main_process() else None
+
+    def write(self, entry: dict) -> None:
+        if self.handle is not None:
+            self.handle.write(json.dumps(entry) + "\n")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
 
 
 class MedBLIPTask(BaseTask):
@@ -55,6 +74,7 @@ class MedBLIPTask(BaseTask):
         totals = dict.fromkeys(LOSS_TERMS, 0.0)
         steps = skipped = 0
 
+        step_log = StepLog()
         logger.info("Start training epoch %d, %d iters per epoch.", epoch, iters_per_epoch)
         for i in metric_logger.log_every(range(iters_per_epoch), log_freq, f"Train: data epoch: [{epoch}]"):
             samples = next(data_iter)
@@ -84,11 +104,14 @@ class MedBLIPTask(BaseTask):
                 for term, value in values.items():
                     totals[term] += value
                 steps += 1
+                step_log.write({"epoch": epoch, "step": i, "lr": optimizer.param_groups[0]["lr"], **values})
 
+        step_log.close()
         summed = all_reduce_sum([*totals.values(), steps, skipped], device)
         steps, skipped = int(summed[-2]), int(summed[-1])
         stats = {term: round(total / max(steps, 1), 4) for term, total in zip(LOSS_TERMS, summed)}
-        stats.update(lr=optimizer.param_groups[0]["lr"], num_skipped=skipped)
+        stats.update(lr=optimizer.param_groups[0]["lr"], iters_per_epoch=iters_per_epoch, num_steps=steps,
+                     num_skipped=skipped, world_size=get_world_size())
         logger.info("Averaged stats (all ranks): %s", stats)
         if skipped:
             logger.warning("epoch %d: %d sample(s) skipped (on_error: skip); see the warnings above", epoch, skipped)

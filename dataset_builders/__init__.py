@@ -1,0 +1,1 @@
+"""Cohort preparation: scripts that write the project's annotation schema (and the cohort simulator)."""

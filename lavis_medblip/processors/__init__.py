@@ -1,0 +1,32 @@
+"""Registered LAVIS processors: 3D MRI volumes and EHR text.
+
+Importing this package registers ``mri_volume_train``, ``mri_volume_eval``, ``mri_volume_blank`` and ``medblip_text``
+in ``lavis.common.registry``.
+"""
+from lavis_medblip.processors.blank import MriVolumeBlankProcessor
+from lavis_medblip.processors.text import MedBlipTextProcessor
+from lavis_medblip.processors.volume import (
+    ConstantVolumeWarning,
+    MriVolumeEvalProcessor,
+    MriVolumeProcessor,
+    MriVolumeTrainProcessor,
+    Volume,
+    VolumeReadError,
+    VolumeTransformError,
+    load_volume,
+)
+from lavis_medblip.processors.volume_cache import VolumeCache
+
+__all__ = [
+    "ConstantVolumeWarning",
+    "MedBlipTextProcessor",
+    "MriVolumeBlankProcessor",
+    "MriVolumeEvalProcessor",
+    "MriVolumeProcessor",
+    "MriVolumeTrainProcessor",
+    "Volume",
+    "VolumeCache",
+    "VolumeReadError",
+    "VolumeTransformError",
+    "load_volume",
+]

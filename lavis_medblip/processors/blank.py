@@ -1,0 +1,28 @@
+"""``mri_volume_blank``: a zero volume in place of the scan, for text-only baselines.
+
+The paper's Table 2 compares MedBLIP with its LM reading the text alone. Swapping a dataset's
+``vis_processor`` for this one trains and evaluates exactly the same model and pipeline with the
+image information removed (the file is not even read).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lavis.common.registry import registry
+from lavis.processors.base_processor import BaseProcessor
+
+
+@registry.register_processor("mri_volume_blank")
+class MriVolumeBlankProcessor(BaseProcessor):
+    def __init__(self, image_size: int = 224):
+        super().__init__()
+        self.image_size = int(image_size)
+
+    def __call__(self, item: Any) -> torch.Tensor:
+        return torch.zeros(1, self.image_size, self.image_size, self.image_size)
+
+    @classmethod
+    def from_config(cls, cfg: Any = None) -> "MriVolumeBlankProcessor":
+        return cls(image_size=(cfg or {}).get("image_size", 224))

@@ -1,0 +1,41 @@
+"""Registered LAVIS text processor for EHR / report text."""
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+from lavis.common.registry import registry
+from lavis.processors.base_processor import BaseProcessor
+from omegaconf import OmegaConf
+
+
+@registry.register_processor("medblip_text")
+class MedBlipTextProcessor(BaseProcessor):
+    """Collapse whitespace, strip, and keep at most ``max_words`` words.
+
+    Unlike LAVIS's ``blip_caption`` it neither lowercases nor removes punctuation: clinical
+    text such as "MMSE 24, CDR 0.5." carries meaning in its digits, decimals and case.
+    ``max_words=None`` keeps everything.
+    """
+
+    def __init__(self, max_words: Optional[int] = 256) -> None:
+        super().__init__()
+        if max_words is not None and int(max_words) < 1:
+            raise ValueError(f"max_words must be a positive integer or None, got {max_words!r}")
+        self.max_words = None if max_words is None else int(max_words)
+
+    def __call__(self, text: str) -> str:
+        if not isinstance(text, str):
+            # A NaN from a pandas column or a None must not silently become the word "nan".
+            raise TypeError(f"medblip_text expects a str, got {type(text).__name__}: {text!r}")
+        words = text.split()  # any run of Unicode whitespace (newlines, tabs, NBSP) is one separator
+        if self.max_words is not None:
+            words = words[: self.max_words]
+        return " ".join(words)
+
+    @classmethod
+    def from_config(cls, cfg: Optional[Mapping[str, Any]] = None) -> "MedBlipTextProcessor":
+        cfg = OmegaConf.create() if cfg is None else cfg
+        return cls(max_words=cfg.get("max_words", 256))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(max_words={self.max_words})"

@@ -1,0 +1,153 @@
+"""The simulated atrophy cohort: deterministic, schema-valid, multi-site, and atrophic where it should be.
+
+A handful of subjects on a coarse 4 mm grid; the whole module runs in well under a minute
+(most of it is building the atrophy basis fields once).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dataset_builders.simulate_cohort import (
+    BASIS_NAMES, HELD_OUT_SITE, HIPPOCAMPUS, RATE_LIMITS, SITES, TRAINING_SITES, VENTRICLE_IDS,
+    atrophy_displacement, atrophy_basis, jacobian_determinant, main, simulate_cohort,
+)
+from lavis_medblip.data.ehr import describe_ehr
+from lavis_medblip.data.schema import CLASS_NAMES, read_annotations
+
+SMALL = dict(subjects_per_class=4, voxel_mm=4.0, save_labels=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """A 12-subject cohort written through the Python API."""
+    return simulate_cohort(tmp_path_factory.mktemp("cohort_a"), seed=7, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def cohort_again(tmp_path_factory):
+    """The same cohort written again, through the command line."""
+    out = tmp_path_factory.mktemp("cohort_b")
+    main(["--out", str(out), "--subjects-per-class", "4", "--seed", "7", "--voxel-mm", "4", "--save-labels",
+          "--quiet"])
+    return out
+
+
+def _records(result):
+    return {split: list(read_annotations(path)) for split, path in result.annotation_files.items()}
+
+
+def _truth(result):
+    return [json.loads(line) for line in result.subjects_file.read_text().splitlines()]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_gives_byte_identical_cohort(cohort, cohort_again):
+    first, second = _files(cohort.out_dir), _files(cohort_again)
+    assert first.keys() == second.keys()
+    assert len([name for name in first if name.startswith("images/")]) == 12
+    for name in first:
+        assert first[name] == second[name], name
+
+
+def test_different_seed_gives_a_different_cohort(cohort, tmp_path):
+    other = simulate_cohort(tmp_path, seed=8, **SMALL)
+    assert other.annotation_files["train"].read_bytes() != cohort.annotation_files["train"].read_bytes()
+    ours = nib.load(cohort.out_dir / "images/siteA/siteA-0000.nii.gz").get_fdata()
+    theirs = nib.load(other.out_dir / "images/siteA/siteA-0000.nii.gz").get_fdata()
+    assert ours.shape == theirs.shape and not np.array_equal(ours, theirs)
+
+
+def test_rerun_with_same_arguments_is_a_cache_hit(cohort):
+    image = cohort.out_dir / "images/siteB/siteB-0000.nii.gz"
+    before = image.stat().st_mtime_ns
+    again = simulate_cohort(cohort.out_dir, seed=7, **SMALL)
+    assert again.cache_hit and image.stat().st_mtime_ns == before
+    manifest = json.loads(cohort.cohort_file.read_text())
+    assert manifest["parameters"]["seed"] == 7 and manifest["held_out_site"] == HELD_OUT_SITE.name
+
+
+def test_annotations_follow_the_schema(cohort):
+    records = _records(cohort)
+    everyone = [record for split in records.values() for record in split]
+    assert len(everyone) == 12
+    for record in everyone:
+        assert (cohort.out_dir / record.image).exists()  # relative to the annotation file's folder
+        assert record.text == describe_ehr(record.ehr)
+        assert "None" not in record.text and "nan" not in record.text
+        assert record.cohort and record.visit == "bl"
+    assert any(value is None for record in everyone for value in record.ehr.values())  # EHR is incomplete
+    assert [sum(r.label == name for r in everyone) for name in CLASS_NAMES] == [4, 4, 4]
+    assert [sum(r.label == name for r in records["test"]) for name in CLASS_NAMES] == [1, 1, 1]
+
+
+def test_held_out_site_is_the_test_split_and_subjects_are_in_one_split(cohort):
+    records = _records(cohort)
+    assert {r.site for r in records["test"]} == {HELD_OUT_SITE.name}
+    assert {r.site for r in records["train"] + records["val"]} <= {site.name for site in TRAINING_SITES}
+    ids = [r.subject_id for split in records.values() for r in split]
+    assert len(ids) == len(set(ids))
+
+
+def test_alzheimer_subjects_have_smaller_hippocampi_and_larger_ventricles(cohort):
+    """Measured on the atlas labels warped along with each image (and on the soft masks)."""
+    by_class = {name: {"hippocampus": [], "ventricles": [], "soft_hippocampus": []} for name in CLASS_NAMES}
+    for subject in _truth(cohort):
+        labels_image = nib.load(cohort.out_dir / subject["image"].replace("images/", "labels/", 1))
+        labels = np.asanyarray(labels_image.dataobj)
+        voxel = float(np.prod(labels_image.header.get_zooms()))
+        brain = subject["volumes"]["brain_mm3"]  # intracranial normalisation (head sizes differ)
+        row = by_class[subject["label"]]
+        row["hippocampus"].append(np.isin(labels, list(HIPPOCAMPUS.values())).sum() * voxel / brain)
+        row["ventricles"].append(np.isin(labels, VENTRICLE_IDS).sum() * voxel / brain)
+        row["soft_hippocampus"].append(subject["volumes"]["hippocampus_mm3"] / brain)
+    mean = {name: {key: np.mean(values) for key, values in rows.items()} for name, rows in by_class.items()}
+    assert mean["AD"]["hippocampus"] < mean["NC"]["hippocampus"]
+    assert mean["AD"]["soft_hippocampus"] < mean["NC"]["soft_hippocampus"]
+    assert mean["AD"]["ventricles"] > mean["NC"]["ventricles"]
+
+
+def test_atrophy_warp_never_folds():
+    strongest = {name: RATE_LIMITS[name.split("_")[0]][1] for name in BASIS_NAMES}
+    weakest = {name: RATE_LIMITS[name.split("_")[0]][0] for name in BASIS_NAMES}
+    for rates in (strongest, weakest):
+        determinant = jacobian_determinant(atrophy_displacement(rates), atrophy_basis().spacing)
+        assert float(determinant.min()) > 0.1
+
+
+def test_every_subjects_warps_have_positive_jacobians(cohort):
+    for subject in _truth(cohort):
+        assert subject["min_jacobian_atrophy"] > 0 and subject["min_jacobian_variability"] > 0
+
+
+def test_sites_store_different_orientations_that_canonicalise_to_ras(cohort):
+    records = [r for split in _records(cohort).values() for r in split]
+    stored = {}
+    for site in SITES:
+        record = next(r for r in records if r.site == site.name)
+        image = nib.load(cohort.out_dir / record.image)
+        labels = nib.load(cohort.out_dir / record.image.replace("images/", "labels/", 1))
+        stored[site.name] = ("".join(nib.aff2axcodes(image.affine)), image.header.get_zooms())
+        assert np.allclose(image.affine, labels.affine)
+
+        canonical = nib.as_closest_canonical(labels)
+        assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+        data = np.asanyarray(canonical.dataobj)
+
+        def centroid(label_id: int) -> np.ndarray:  # world mm
+            return nib.affines.apply_affine(canonical.affine, np.argwhere(data == label_id).mean(axis=0))
+
+        right_hippocampus, left_hippocampus = centroid(HIPPOCAMPUS["right"]), centroid(HIPPOCAMPUS["left"])
+        assert right_hippocampus[0] > 10 and left_hippocampus[0] < -10  # R is +x
+        assert centroid(38)[1] > right_hippocampus[1] + 20  # superior frontal is anterior
+        assert centroid(9)[2] > right_hippocampus[2] + 30  # superior parietal is superior
+    assert [codes for codes, _ in stored.values()] == [site.orientation for site in SITES]
+    assert len({codes for codes, _ in stored.values()}) == len(SITES)
+    assert all(stored[HELD_OUT_SITE.name][1] != stored[site.name][1] for site in TRAINING_SITES)
