@@ -32,7 +32,7 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest"], "gguf": ["gguf"], "dicom": ["pydicom"]},
+    extras_require={"test": ["pytest", "nilearn", "pydicom", "gguf"], "gguf": ["gguf"], "dicom": ["pydicom"]},
     entry_points={
         "console_scripts": [
             "medblip-train=lavis_medblip.train:main",

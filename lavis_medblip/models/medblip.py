@@ -185,7 +185,7 @@ class MedBLIP(Blip2Base):
             bert=bert, load_bert_weights=cfg.get("qformer_load_bert_weights", True),
             config_overrides=cfg.get("qformer_config_overrides"),
         )
-        qformer.resize_token_embeddings(len(tokenizer))
+        qformer.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # [DEC] starts random, as in LAVIS
         qformer.cls = None  # no image-grounded text generation in MedBLIP: the LM speaks
 
         model = cls(

@@ -487,7 +487,7 @@ class CenterPadToCube:
         if any(n > self.size for n in data.shape):
             raise VolumeReadError(volume.source, f"cannot pad shape {tuple(data.shape)} to {self.size}^3")
         offsets = _centre_offsets(data.shape, self.size)
-        cube = torch.zeros((1, self.size, self.size, self.size), dtype=data.dtype)
+        cube = new_tensor((1, self.size, self.size, self.size), data.dtype).zero_()
         x, y, z = offsets
         cube[0, x : x + data.shape[0], y : y + data.shape[1], z : z + data.shape[2]] = data
         shift = np.eye(4)

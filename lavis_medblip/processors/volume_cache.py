@@ -123,7 +123,11 @@ class VolumeCache:
             return stored
         self.misses += 1
         array = encode(build(), self.storage_dtype)
-        self._atomic_save(entry, array)
+        try:
+            self._atomic_save(entry, array)
+        except OSError as exc:
+            # A full or read-only cache disk must not stop training: serve the result uncached.
+            logger.warning("Could not write cache entry %s (%s); continuing without caching it", entry, exc)
         return array
 
     def _try_load(self, entry: Path) -> np.ndarray | None:

@@ -99,7 +99,7 @@ class MedBLIPTask(BaseTask):
                 optimizer.zero_grad()
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
             if output is not None:
-                values = {term: float(output[term]) for term in LOSS_TERMS if output.get(term) is not None}
+                values = {term: output[term].detach().item() for term in LOSS_TERMS if output.get(term) is not None}
                 metric_logger.update(**values)
                 for term, value in values.items():
                     totals[term] += value
