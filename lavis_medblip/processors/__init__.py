@@ -5,16 +5,8 @@ in ``lavis.common.registry``.
 """
 from lavis_medblip.processors.blank import MriVolumeBlankProcessor
 from lavis_medblip.processors.text import MedBlipTextProcessor
-from lavis_medblip.processors.volume import (
-    ConstantVolumeWarning,
-    MriVolumeEvalProcessor,
-    MriVolumeProcessor,
-    MriVolumeTrainProcessor,
-    Volume,
-    VolumeReadError,
-    VolumeTransformError,
-    load_volume,
-)
+from lavis_medblip.processors.readers import ConstantVolumeWarning, Volume, VolumeReadError, VolumeTransformError, load_volume
+from lavis_medblip.processors.volume import MriVolumeEvalProcessor, MriVolumeProcessor, MriVolumeTrainProcessor
 from lavis_medblip.processors.volume_cache import VolumeCache
 
 __all__ = [
