@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "medblip-train=lavis_medblip.train:main",
             "medblip-evaluate=lavis_medblip.evaluate:main",
+            "medblip-predict=lavis_medblip.predict:main",
         ]
     },
 )

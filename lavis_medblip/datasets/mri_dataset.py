@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
+from lavis_medblip.processors.readers import VolumeReadError
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,8 @@ class MRIAnnotationDataset(Dataset):
             image = self.vis_processor(str(image_path))
         except (OSError, ValueError, RuntimeError) as error:
             if self.on_error == "raise":
-                raise type(error)(f"sample {index} ({image_path}): {error}") from error
+                problem = getattr(error, "problem", str(error))  # VolumeReadError already names the file
+                raise VolumeReadError(image_path, f"sample {index} of this dataset: {problem}") from error
             logger.warning("skipped sample %d (%s): %s", index, image_path, error)
             return None
         label = self.class_names.index(record.label) if record.label is not None else -1

@@ -1,5 +1,6 @@
-"""Registered tasks: ``medblip_pretrain``, ``medblip_classification``."""
+"""Registered tasks: ``medblip_pretrain``, ``medblip_classification``, ``medblip_vqa``."""
 from lavis_medblip.tasks.classification import MedBLIPClassificationTask
 from lavis_medblip.tasks.pretrain import MedBLIPPretrainTask
+from lavis_medblip.tasks.vqa import MedBLIPVQATask
 
-__all__ = ["MedBLIPClassificationTask", "MedBLIPPretrainTask"]
+__all__ = ["MedBLIPClassificationTask", "MedBLIPPretrainTask", "MedBLIPVQATask"]

@@ -92,3 +92,55 @@ def match_generated_answer(text: str, class_answers: Sequence[str], class_names:
     if len(found) > 1:  # e.g. "not demented" also contains no other class phrase; ambiguity is invalid
         return INVALID
     return found.pop() if found else INVALID
+
+
+# --------------------------------------------------------------------------------------------
+# Open-ended VQA: light text-overlap metrics (sentence level, one reference)
+# --------------------------------------------------------------------------------------------
+
+def overlap_tokens(text: str) -> list[str]:
+    """Lower-cased runs of letters and digits (rouge_score's tokenisation; punctuation is dropped)."""
+    import re
+
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _clipped_unigram_overlap(prediction: list[str], reference: list[str]) -> int:
+    from collections import Counter
+
+    return sum((Counter(prediction) & Counter(reference)).values())
+
+
+def bleu_1(prediction: str, reference: str) -> float:
+    """BLEU with unigrams only: clipped unigram precision × brevity penalty ``exp(1 - r/c)`` if ``c < r``.
+
+    ``c``/``r`` are the prediction/reference lengths in :func:`overlap_tokens`. An empty prediction
+    scores 0. (sacrebleu-style BLEU also counts punctuation tokens, so values differ slightly.)
+    """
+    import math
+
+    predicted, referenced = overlap_tokens(prediction), overlap_tokens(reference)
+    if not predicted or not referenced:
+        return 0.0
+    precision = _clipped_unigram_overlap(predicted, referenced) / len(predicted)
+    brevity = 1.0 if len(predicted) >= len(referenced) else math.exp(1 - len(referenced) / len(predicted))
+    return precision * brevity
+
+
+def rouge_1(prediction: str, reference: str) -> float:
+    """ROUGE-1 F1: harmonic mean of clipped unigram precision and recall (no stemming)."""
+    predicted, referenced = overlap_tokens(prediction), overlap_tokens(reference)
+    overlap = _clipped_unigram_overlap(predicted, referenced)
+    if overlap == 0:
+        return 0.0
+    precision, recall = overlap / len(predicted), overlap / len(referenced)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_by_group(values: Sequence[float], groups: Sequence[object]) -> dict[str, dict[str, float]]:
+    """``{group: {"mean": …, "num_samples": …}}`` in sorted group order (e.g. accuracy per question type)."""
+    totals: dict[object, list[float]] = {}
+    for value, group in zip(values, groups):
+        totals.setdefault(group, []).append(float(value))
+    return {str(group): {"mean": float(np.mean(totals[group])), "num_samples": len(totals[group])}
+            for group in sorted(totals)}

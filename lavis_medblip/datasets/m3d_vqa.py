@@ -1,0 +1,282 @@
+"""M3D-VQA (Bai et al. 2024) as a registered LAVIS dataset: ``m3d_vqa``.
+
+The CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) have the columns :data:`M3D_COLUMNS`; ``Image Path``
+is relative to the data root (``build_info.images.storage``) and points at a 1×D×H×W float32
+``.npy`` in [0, 1], which the ``mri_volume_*`` processors read as they are. Missing choices are
+``NA`` (or blank) and are dropped; the letters of the remaining choices are kept.
+
+``mode`` (dataset config):
+
+- ``closed``: the M3D closed-ended prompt ``"{Question} Choices: A. {A} B. {B} …"``, target
+  ``"{Answer Choice}. {Answer}"``; the sample also carries ``choices``, ``choice_letters`` and
+  ``answer_choice`` for scoring.
+- ``open``: the question alone, target the answer text.
+
+The prompt is put into the model's question template ``prompt_template`` (default MedBLIP's
+``"Question: {question} Answer:"``, paper eq. 2).
+
+**Context text.** ``text_input`` (MedBLIP's EHR-text slot) is empty by default: M3D's ``Text`` column
+is the radiology report the questions were generated from, so putting it in the prompt would
+hand the model the answer. ``use_report_text: true`` fills it with the report, for training
+report-grounded VQA only; never evaluate with it.
+
+Errors follow :class:`~lavis_medblip.datasets.mri_dataset.MRIAnnotationDataset`: a malformed row
+(unknown question type, answer letter not among the choices, …) raises ``ValueError`` naming
+``file:line`` with ``on_error: raise`` and is logged, skipped and listed in ``skipped_annotations``
+with ``on_error: skip``; an unreadable or missing volume raises naming the row and file, or
+returns ``None`` which the collater drops and counts in ``num_skipped``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from omegaconf import OmegaConf
+from torch.utils.data import Dataset
+
+from lavis.common.registry import registry
+from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
+
+from lavis_medblip.datasets.builders import CONFIG_DIR, resolve_storage
+from lavis_medblip.processors.volume import VolumeReadError
+
+logger = logging.getLogger(__name__)
+
+M3D_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
+               "Answer", "Answer Choice")
+CHOICE_LETTERS = ("A", "B", "C", "D")
+QUESTION_TYPES = {1: "Plane", 2: "Phase", 3: "Organ", 4: "Abnormality", 5: "Location"}
+MODES = ("closed", "open")
+DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
+_MISSING_VALUES = {"", "na", "n/a", "nan"}
+
+
+@dataclass(frozen=True)
+class M3DVQARecord:
+    """One CSV row; ``choices`` maps each present letter to its text (``NA`` choices dropped)."""
+
+    image: str
+    text: str
+    question_type: int
+    question: str
+    choices: dict[str, str]
+    answer: str
+    answer_choice: str
+    file: str
+    line: int  # line in the CSV (line 1 is the header)
+
+    @property
+    def source(self) -> str:
+        return f"{self.file}:{self.line}"
+
+    @property
+    def instance_id(self) -> str:
+        """``M3D_VQA_test:17``: unique across the splits' files, stable across runs."""
+        return f"{Path(self.file).stem}:{self.line}"
+
+
+def is_missing_value(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value) or str(value).strip().lower() in _MISSING_VALUES
+
+
+def parse_question_type(value: Any) -> int:
+    """M3D's question type as 1–5; accepts the number ("3", "3.0") or the name ("Organ")."""
+    text = str(value).strip()
+    names = {name.lower(): number for number, name in QUESTION_TYPES.items()}
+    if text.lower() in names:
+        return names[text.lower()]
+    try:
+        number = float(text)
+    except ValueError:
+        number = float("nan")
+    if number in QUESTION_TYPES:
+        return int(number)
+    raise ValueError(f"question type {text!r} is not one of {QUESTION_TYPES}")
+
+
+def format_choice(letter: str, choice: str) -> str:
+    """``"B. Sagittal"``: how a choice appears in the closed prompt, the target and the ranked candidates."""
+    return f"{letter}. {choice}"
+
+
+def closed_question(question: str, choices: Mapping[str, str]) -> str:
+    """M3D's closed-ended prompt: ``"{question} Choices: A. {A} B. {B} …"``."""
+    return f"{question} Choices: " + " ".join(format_choice(letter, choice) for letter, choice in choices.items())
+
+
+def read_m3d_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """An M3D-VQA CSV as strings (``NA`` kept as text); ``ValueError`` names the file and missing columns."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the M3D-VQA CSV ({error})") from error
+    frame.columns = [str(column).strip() for column in frame.columns]
+    missing = [column for column in M3D_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the table has {list(frame.columns)}")
+    return frame
+
+
+def parse_row(row: Mapping[str, Any], file: str, line: int, mode: str = "closed") -> M3DVQARecord:
+    """One CSV row → record; ``ValueError`` (without location; the caller adds it) when malformed."""
+    image = "" if is_missing_value(row["Image Path"]) else str(row["Image Path"]).strip()
+    question = "" if is_missing_value(row["Question"]) else str(row["Question"]).strip()
+    if not image:
+        raise ValueError("empty Image Path")
+    if not question:
+        raise ValueError("empty Question")
+    choices = {letter: str(row[f"Choice {letter}"]).strip() for letter in CHOICE_LETTERS
+               if not is_missing_value(row[f"Choice {letter}"])}
+    answer = "" if is_missing_value(row["Answer"]) else str(row["Answer"]).strip()
+    answer_choice = str(row["Answer Choice"]).strip().upper()
+    if mode == "closed":
+        if len(choices) < 2:
+            raise ValueError(f"closed-ended question needs at least two choices, has {len(choices)}")
+        if answer_choice not in choices:
+            raise ValueError(f"Answer Choice {row['Answer Choice']!r} is not among the choices {list(choices)}")
+        answer = answer or choices[answer_choice]
+    elif not answer:
+        raise ValueError("empty Answer")
+    text = "" if is_missing_value(row["Text"]) else str(row["Text"])
+    return M3DVQARecord(image=image, text=text, question_type=parse_question_type(row["Question Type"]),
+                        question=question, choices=choices, answer=answer, answer_choice=answer_choice, file=file,
+                        line=line)
+
+
+def read_m3d_records(path: str | os.PathLike, mode: str = "closed", on_error: str = "raise",
+                     skipped: list[str] | None = None) -> list[M3DVQARecord]:
+    """All well-formed rows of one CSV; malformed ones raise (naming ``file:line``) or go to ``skipped``."""
+    frame = read_m3d_csv(path)
+    records = []
+    for index, row in enumerate(frame.to_dict("records")):
+        source = f"{path}:{index + 2}"
+        try:
+            records.append(parse_row(row, str(path), index + 2, mode))
+        except ValueError as error:
+            if on_error == "raise":
+                raise ValueError(f"{source}: {error}") from error
+            logger.warning("skipped row %s: %s", source, error)
+            if skipped is not None:
+                skipped.append(f"{source}: {error}")
+    return records
+
+
+class M3DVQADataset(Dataset):
+    """Yields ``{image, text_input, question, text_output, question_type, choices, choice_letters,
+    answer_choice, answer, raw_question, instance_id}``; ``question`` is the full prompt for the model."""
+
+    def __init__(
+        self,
+        vis_processor: Callable[[Any], torch.Tensor],
+        text_processor: Callable[[str], str],
+        ann_paths: Sequence[str | os.PathLike],
+        image_root: str | os.PathLike | None = None,
+        mode: str = "closed",
+        prompt_template: str = DEFAULT_PROMPT_TEMPLATE,
+        use_report_text: bool = False,
+        on_error: str = "raise",
+    ):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if "{question}" not in prompt_template:
+            raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
+        self.vis_processor, self.text_processor = vis_processor, text_processor
+        self.mode, self.prompt_template, self.use_report_text = mode, prompt_template, use_report_text
+        self.on_error = on_error
+        self.skipped_annotations: list[str] = []
+        self.records: list[tuple[M3DVQARecord, Path]] = []
+        for ann_path in ann_paths:
+            # M3D's Image Path is relative to the data root; without one, to the CSV's folder
+            folder = Path(image_root) if image_root else Path(ann_path).parent
+            for record in read_m3d_records(ann_path, mode, on_error, self.skipped_annotations):
+                self.records.append((record, folder / record.image))
+        if self.skipped_annotations:
+            logger.warning("%d row(s) skipped while reading %s", len(self.skipped_annotations), list(ann_paths))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        record, image_path = self.records[index]
+        try:
+            image = self.vis_processor(str(image_path))
+        except (OSError, ValueError, RuntimeError) as error:
+            if self.on_error == "raise":
+                problem = error.problem if isinstance(error, VolumeReadError) else f"{type(error).__name__}: {error}"
+                raise VolumeReadError(image_path, f"sample {index} (row {record.source}): {problem}") from error
+            logger.warning("skipped sample %d (row %s, image %s): %s", index, record.source, image_path, error)
+            return None
+        if self.mode == "closed":
+            question = closed_question(record.question, record.choices)
+            target = format_choice(record.answer_choice, record.answer)
+        else:
+            question, target = record.question, record.answer
+        return {
+            "image": image,
+            "text_input": self.text_processor(record.text) if self.use_report_text else "",
+            "question": self.text_processor(self.prompt_template.format(question=question)),
+            "text_output": self.text_processor(target),
+            "question_type": record.question_type,
+            "choices": list(record.choices.values()),
+            "choice_letters": list(record.choices),
+            "answer_choice": record.answer_choice,
+            "answer": record.answer,
+            "raw_question": record.question,
+            "instance_id": record.instance_id,
+        }
+
+    def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        """Stack a batch, dropping skipped samples; ``num_skipped`` says how many were dropped."""
+        kept = [sample for sample in samples if sample is not None]
+        batch: dict[str, Any] = {"num_skipped": len(samples) - len(kept)}
+        if not kept:
+            return batch
+        batch["image"] = torch.stack([sample["image"] for sample in kept])
+        batch["question_type"] = torch.tensor([sample["question_type"] for sample in kept], dtype=torch.long)
+        for key in ("text_input", "question", "text_output", "choices", "choice_letters", "answer_choice", "answer",
+                    "raw_question", "instance_id"):
+            batch[key] = [sample[key] for sample in kept]
+        return batch
+
+
+@registry.register_builder("m3d_vqa")
+class M3DVQABuilder(BaseDatasetBuilder):
+    """M3D-VQA CSVs per split (``build_info.annotations.<split>.storage``, one path or a list)."""
+
+    train_dataset_cls = M3DVQADataset
+    eval_dataset_cls = M3DVQADataset
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "m3d_vqa.yaml")}
+
+    def build_datasets(self) -> dict[str, M3DVQADataset]:
+        self.build_processors()
+        return self.build()
+
+    def build(self) -> dict[str, M3DVQADataset]:
+        build_info = self.config.build_info
+        image_root = (build_info.get("images") or {}).get("storage")
+        datasets = {}
+        for split, info in build_info.annotations.items():
+            storage = info.get("storage") if info is not None else None
+            if not storage:  # a split set to null in a project YAML is not built
+                continue
+            paths = [resolve_storage(p) for p in (storage if OmegaConf.is_list(storage) or isinstance(storage, list) else [storage])]
+            is_train = split == "train"
+            datasets[split] = (self.train_dataset_cls if is_train else self.eval_dataset_cls)(
+                vis_processor=self.vis_processors["train" if is_train else "eval"],
+                text_processor=self.text_processors["train" if is_train else "eval"],
+                ann_paths=paths,
+                image_root=resolve_storage(image_root) if image_root else None,
+                mode=self.config.get("mode", "closed"),
+                prompt_template=self.config.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
+                use_report_text=bool(self.config.get("use_report_text", False)),
+                on_error=self.config.get("on_error", "raise"),
+            )
+            logger.info("m3d_vqa/%s (%s): %d samples from %s", split, datasets[split].mode, len(datasets[split]), paths)
+        return datasets
