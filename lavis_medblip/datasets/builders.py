@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -29,18 +30,21 @@ def resolve_storage(path: str) -> str:
     return path if os.path.isabs(path) else os.path.join(registry.get_path("cache_root"), path)
 
 
-class BrainMRIBuilder(BaseDatasetBuilder):
-    """Any dataset in the annotation schema; the cohort builders below differ only in defaults."""
+class AnnotationBuilder(BaseDatasetBuilder):
+    """Builds one dataset per split listed in ``build_info.annotations`` (nothing to download).
 
-    train_dataset_cls = MRIAnnotationDataset
-    eval_dataset_cls = MRIAnnotationDataset
-    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "brain_mri.yaml")}
+    Subclasses name their dataset classes and add their own constructor keywords in
+    :meth:`dataset_kwargs`.
+    """
 
-    def build_datasets(self) -> dict[str, MRIAnnotationDataset]:
+    def build_datasets(self) -> dict[str, Any]:
         self.build_processors()
         return self.build()
 
-    def build(self) -> dict[str, MRIAnnotationDataset]:
+    def dataset_kwargs(self, split: str) -> dict[str, Any]:
+        return {}
+
+    def build(self) -> dict[str, Any]:
         build_info = self.config.build_info
         image_root = (build_info.get("images") or {}).get("storage")
         datasets = {}
@@ -48,7 +52,7 @@ class BrainMRIBuilder(BaseDatasetBuilder):
             storage = info.get("storage") if info is not None else None
             if not storage:  # a split set to null in a project YAML is not built
                 continue
-            paths = [resolve_storage(p) for p in (storage if OmegaConf.is_list(storage) or isinstance(storage, list) else [storage])]
+            paths = [resolve_storage(p) for p in (list(storage) if OmegaConf.is_list(storage) or isinstance(storage, list) else [storage])]
             is_train = split == "train"
             dataset_cls = self.train_dataset_cls if is_train else self.eval_dataset_cls
             datasets[split] = dataset_cls(
@@ -56,13 +60,22 @@ class BrainMRIBuilder(BaseDatasetBuilder):
                 text_processor=self.text_processors["train" if is_train else "eval"],
                 ann_paths=paths,
                 image_root=resolve_storage(image_root) if image_root else None,
-                class_names=list(self.config.get("classes", ["NC", "MCI", "AD"])),
                 on_error=self.config.get("on_error", "raise"),
-                require_label=not is_train,
+                **self.dataset_kwargs(split),
             )
-            logger.info("%s/%s: %d samples from %s", self.config.get("name", type(self).__name__), split,
-                        len(datasets[split]), paths)
+            logger.info("%s/%s: %d samples from %s", type(self).__name__, split, len(datasets[split]), paths)
         return datasets
+
+
+class BrainMRIBuilder(AnnotationBuilder):
+    """Any dataset in the annotation schema; the cohort builders below differ only in defaults."""
+
+    train_dataset_cls = MRIAnnotationDataset
+    eval_dataset_cls = MRIAnnotationDataset
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "brain_mri.yaml")}
+
+    def dataset_kwargs(self, split: str) -> dict[str, Any]:
+        return {"class_names": list(self.config.get("classes", ["NC", "MCI", "AD"])), "require_label": split != "train"}
 
 
 registry.register_builder("brain_mri")(BrainMRIBuilder)

@@ -36,14 +36,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import Dataset
 
 from lavis.common.registry import registry
-from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 
-from lavis_medblip.datasets.builders import CONFIG_DIR, resolve_storage
-from lavis_medblip.processors.volume import VolumeReadError
+from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder
+from lavis_medblip.datasets.collate import collate_skipping
+from lavis_medblip.processors.readers import VolumeReadError
 
 logger = logging.getLogger(__name__)
 
@@ -233,50 +232,18 @@ class M3DVQADataset(Dataset):
         }
 
     def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        """Stack a batch, dropping skipped samples; ``num_skipped`` says how many were dropped."""
-        kept = [sample for sample in samples if sample is not None]
-        batch: dict[str, Any] = {"num_skipped": len(samples) - len(kept)}
-        if not kept:
-            return batch
-        batch["image"] = torch.stack([sample["image"] for sample in kept])
-        batch["question_type"] = torch.tensor([sample["question_type"] for sample in kept], dtype=torch.long)
-        for key in ("text_input", "question", "text_output", "choices", "choice_letters", "answer_choice", "answer",
-                    "raw_question", "instance_id"):
-            batch[key] = [sample[key] for sample in kept]
-        return batch
+        return collate_skipping(samples)
 
 
 @registry.register_builder("m3d_vqa")
-class M3DVQABuilder(BaseDatasetBuilder):
+class M3DVQABuilder(AnnotationBuilder):
     """M3D-VQA CSVs per split (``build_info.annotations.<split>.storage``, one path or a list)."""
 
     train_dataset_cls = M3DVQADataset
     eval_dataset_cls = M3DVQADataset
     DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "m3d_vqa.yaml")}
 
-    def build_datasets(self) -> dict[str, M3DVQADataset]:
-        self.build_processors()
-        return self.build()
-
-    def build(self) -> dict[str, M3DVQADataset]:
-        build_info = self.config.build_info
-        image_root = (build_info.get("images") or {}).get("storage")
-        datasets = {}
-        for split, info in build_info.annotations.items():
-            storage = info.get("storage") if info is not None else None
-            if not storage:  # a split set to null in a project YAML is not built
-                continue
-            paths = [resolve_storage(p) for p in (storage if OmegaConf.is_list(storage) or isinstance(storage, list) else [storage])]
-            is_train = split == "train"
-            datasets[split] = (self.train_dataset_cls if is_train else self.eval_dataset_cls)(
-                vis_processor=self.vis_processors["train" if is_train else "eval"],
-                text_processor=self.text_processors["train" if is_train else "eval"],
-                ann_paths=paths,
-                image_root=resolve_storage(image_root) if image_root else None,
-                mode=self.config.get("mode", "closed"),
-                prompt_template=self.config.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
-                use_report_text=bool(self.config.get("use_report_text", False)),
-                on_error=self.config.get("on_error", "raise"),
-            )
-            logger.info("m3d_vqa/%s (%s): %d samples from %s", split, datasets[split].mode, len(datasets[split]), paths)
-        return datasets
+    def dataset_kwargs(self, split: str) -> dict[str, Any]:
+        return {"mode": self.config.get("mode", "closed"),
+                "prompt_template": self.config.get("prompt_template", DEFAULT_PROMPT_TEMPLATE),
+                "use_report_text": bool(self.config.get("use_report_text", False))}

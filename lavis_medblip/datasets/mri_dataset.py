@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
+from lavis_medblip.datasets.collate import collate_skipping
 from lavis_medblip.processors.readers import VolumeReadError
 
 logger = logging.getLogger(__name__)
@@ -99,13 +100,4 @@ class MRIAnnotationDataset(Dataset):
         }
 
     def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        """Stack a batch, dropping skipped samples; ``num_skipped`` says how many were dropped."""
-        kept = [sample for sample in samples if sample is not None]
-        batch: dict[str, Any] = {"num_skipped": len(samples) - len(kept)}
-        if not kept:
-            return batch
-        batch["image"] = torch.stack([sample["image"] for sample in kept])
-        batch["label"] = torch.tensor([sample["label"] for sample in kept], dtype=torch.long)
-        for key in ("text_input", "question", "text_output", "instance_id", "subject_id", "site"):
-            batch[key] = [sample[key] for sample in kept]
-        return batch
+        return collate_skipping(samples)

@@ -132,3 +132,26 @@ class MedBLIPTask(BaseTask):
         if self.eval_num_skipped:
             logger.warning("evaluation: %d sample(s) skipped (on_error: skip)", self.eval_num_skipped)
         return results
+
+    def gather_results(self, val_result: list[dict], split_name: str, epoch: Any, name: str = "predictions",
+                       unique_key: str = "instance_id") -> tuple[list[dict] | None, str]:
+        """Merge per-rank results into ``<result_dir>/<split>_epoch<epoch>_<name>.json``.
+
+        Returns the merged rows on the main process (``None`` elsewhere) and the file's path;
+        duplicates that a distributed sampler pads in are dropped by ``unique_key``.
+        """
+        result_file = self.save_result(val_result, registry.get_path("result_dir"), f"{split_name}_epoch{epoch}_{name}",
+                                       remove_duplicate=unique_key)
+        if not is_main_process():
+            return None, result_file
+        with open(result_file) as handle:
+            return json.load(handle), result_file
+
+    @staticmethod
+    def write_metrics(metrics: dict, split_name: str, epoch: Any) -> str:
+        """``<result_dir>/<split>_epoch<epoch>_metrics.json``; returns the path without ``_metrics.json``."""
+        stem = os.path.join(registry.get_path("result_dir"), f"{split_name}_epoch{epoch}")
+        with open(f"{stem}_metrics.json", "w") as handle:
+            json.dump(metrics, handle, indent=2)
+        return stem
+

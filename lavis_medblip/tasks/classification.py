@@ -12,15 +12,12 @@ JSON and the confusion matrix as PNG, all under the run's ``result`` folder.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
-from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
 
 from lavis_medblip.tasks.base import MedBLIPTask
@@ -68,22 +65,16 @@ class MedBLIPClassificationTask(MedBLIPTask):
         ]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        result_dir = registry.get_path("result_dir")
-        result_file = self.save_result(val_result, result_dir, f"{split_name}_epoch{epoch}_predictions",
-                                       remove_duplicate="instance_id")
-        if not is_main_process():
+        merged, result_file = self.gather_results(val_result, split_name, epoch)
+        if merged is None:
             return None
-        with open(result_file) as handle:
-            merged = json.load(handle)
         metrics = classification_metrics(
             [row["label"] for row in merged], [row["prediction"] for row in merged], self.class_names,
             scores=np.array([row["scores"] for row in merged]) if merged else None,
         )
         metrics.update(agg_metrics=metrics["balanced_accuracy"], mode=self.mode, num_skipped=self.eval_num_skipped,
                        predictions_file=result_file)
-        stem = os.path.join(result_dir, f"{split_name}_epoch{epoch}")
-        with open(f"{stem}_metrics.json", "w") as handle:
-            json.dump(metrics, handle, indent=2)
+        stem = self.write_metrics(metrics, split_name, epoch)
         plot_confusion_matrix(metrics["confusion_matrix"], f"{stem}_confusion.png",
                               title=f"{split_name} ({self.mode}): balanced accuracy {metrics['balanced_accuracy']:.3f}")
         logger.info("%s: accuracy %.3f, balanced accuracy %.3f, macro-F1 %.3f, invalid %d", split_name,

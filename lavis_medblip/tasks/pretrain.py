@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
 
 from lavis_medblip.tasks.base import LOSS_TERMS, MedBLIPTask
@@ -26,11 +25,9 @@ class MedBLIPPretrainTask(MedBLIPTask):
         return [{"count": count, **{term: float(output[term]) * count for term in LOSS_TERMS}}]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        result_file = self.save_result(val_result, registry.get_path("result_dir"), f"{split_name}_epoch{epoch}_losses")
-        if not is_main_process():
+        merged, _ = self.gather_results(val_result, split_name, epoch, name="losses", unique_key="")
+        if merged is None:
             return None
-        with open(result_file) as handle:
-            merged = json.load(handle)
         count = sum(row["count"] for row in merged)
         metrics = {term: sum(row[term] for row in merged) / max(count, 1) for term in LOSS_TERMS}
         metrics.update(agg_metrics=-metrics["loss"], num_samples=count, num_skipped=self.eval_num_skipped)

@@ -22,15 +22,12 @@ under the run's ``result`` folder.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 from typing import Any, Sequence
 
 import torch
 
-from lavis.common.dist_utils import is_main_process
 from lavis.common.registry import registry
 
 from lavis_medblip.datasets.m3d_vqa import QUESTION_TYPES, format_choice  # also registers the m3d_vqa builder
@@ -128,17 +125,12 @@ class MedBLIPVQATask(MedBLIPTask):
 
     # ---- per split --------------------------------------------------------------------------------
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
-        result_dir = registry.get_path("result_dir")
-        result_file = self.save_result(val_result, result_dir, f"{split_name}_epoch{epoch}_predictions",
-                                       remove_duplicate="instance_id")
-        if not is_main_process():
+        merged, result_file = self.gather_results(val_result, split_name, epoch)
+        if merged is None:
             return None
-        with open(result_file) as handle:
-            merged = json.load(handle)
         metrics = self.vqa_metrics(merged)
         metrics.update(num_skipped=self.eval_num_skipped, predictions_file=result_file)
-        with open(os.path.join(result_dir, f"{split_name}_epoch{epoch}_metrics.json"), "w") as handle:
-            json.dump(metrics, handle, indent=2)
+        self.write_metrics(metrics, split_name, epoch)
         logger.info("%s (%s): %s", split_name, metrics["method"],
                     {key: metrics[key] for key in ("num_samples", "accuracy", "bleu_1", "rouge_1") if key in metrics})
         return metrics
