@@ -33,6 +33,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 
 from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
+from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import PROMPT_SEGMENTS, LanguageModel
 from lavis_medblip.models.vision_3d import build_vit_3d, freeze_vit_blocks, load_vit_weights
 from lavis_medblip.models.weights import from_pretrained_or_explain, read_state_dict
@@ -103,12 +104,24 @@ class MedBLIP(Blip2Base):
         lambda_lm: float = 1.0,
         prompt_order: Sequence[str] = PROMPT_SEGMENTS,
         question: str = DIAGNOSIS_QUESTION,
+        freeze_vision_stem: bool = False,
+        vision_feature_cache: str | os.PathLike | None = None,
     ):
         super().__init__()
         if sorted(prompt_order) != sorted(PROMPT_SEGMENTS):
             raise ValueError(f"prompt_order must order {list(PROMPT_SEGMENTS)}, got {list(prompt_order)}")
+        if vision_feature_cache and not freeze_vision_stem:
+            raise ValueError(
+                f"model.vision_feature_cache is set ({vision_feature_cache}) but model.freeze_vision_stem is "
+                f"false: cached ViT outputs would go stale as the 3D stem trains. Set freeze_vision_stem: true "
+                f"(e.g. a second stage training only the Q-Former and LoRA) or vision_feature_cache: null."
+            )
         self.visual_encoder = vision_encoder
         self.visual_encoder.train = disabled_train.__get__(self.visual_encoder)  # frozen blocks stay in eval mode
+        if freeze_vision_stem:  # the whole vision path (stem, CLS token, ViT blocks) is frozen
+            for parameter in vision_encoder.parameters():
+                parameter.requires_grad = False
+        self.feature_cache = VisionFeatureCache(vision_feature_cache, vision_encoder) if vision_feature_cache else None
         self.ln_vision = LayerNorm(vision_encoder.num_features)
         self.Qformer = qformer
         self.query_tokens = query_tokens
@@ -201,6 +214,8 @@ class MedBLIP(Blip2Base):
             lambda_lm=cfg.get("lambda_lm", 1.0),
             prompt_order=cfg.get("prompt_order", PROMPT_SEGMENTS),
             question=cfg.get("question", DIAGNOSIS_QUESTION),
+            freeze_vision_stem=cfg.get("freeze_vision_stem", False),
+            vision_feature_cache=cfg.get("vision_feature_cache"),
         )
         model.config = cfg
         if cfg.get("qformer_pretrained"):
@@ -211,10 +226,20 @@ class MedBLIP(Blip2Base):
 
     # ---- encoders ---------------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """Volumes (B, 1, S, S, S) → ViT tokens (B, N+1, vit width), after ``ln_vision``."""
-        with self.maybe_autocast():  # on GPU, fp16 ViT blocks behind an fp32 stem
-            tokens = self.visual_encoder.forward_features(image)
+        """Volumes (B, 1, S, S, S) → ViT tokens (B, N+1, vit width), after ``ln_vision``.
+
+        With ``vision_feature_cache`` the (frozen) encoder's tokens come from the cache; the
+        trainable ``ln_vision`` always runs live.
+        """
+        if self.feature_cache is not None:
+            tokens = self.feature_cache.tokens(image, self._vision_tokens)
+        else:
+            tokens = self._vision_tokens(image)
         return self.ln_vision(tokens)
+
+    def _vision_tokens(self, image: torch.Tensor) -> torch.Tensor:
+        with self.maybe_autocast():  # on GPU, fp16 ViT blocks behind an fp32 stem
+            return self.visual_encoder.forward_features(image)
 
     def encode_queries(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """ViT tokens → query outputs (B, num_query_token, Q-Former width)."""

@@ -1,0 +1,101 @@
+"""Zero-shot diagnosis latency per case: ranking the 3 class answers vs generating an answer.
+
+* ``ranking``     ``predict_answers`` over the class answers (one LM pass over 3 candidate prompts);
+* ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8).
+
+Both run one case at a time (batch 1, the latency a single scan sees) on ``--cases`` synthetic
+cases: the vendored ICBM-2009c T1 preprocessed once to 48³ and varied by the train processor's
+augmentation, with EHR sentences from random EHR fields (see ``benchmarks/train_step.py``).
+Agreement is the fraction of cases whose generated text names (``match_generated_answer``) the
+same class as the ranking's top answer. The model is ``model_type: demo``; without
+``--checkpoint`` its Q-Former, projection and LoRA are untrained, so agreement means little.
+
+    python benchmarks/zeroshot.py [--cases 8] [--checkpoint .cache/demo/runs/.../checkpoint_best.pth]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step.synthetic_cohort
+
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+import lavis_medblip  # noqa: E402,F401  (registers resolvers, model, processors)
+from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES  # noqa: E402
+from lavis_medblip.models import MedBLIP  # noqa: E402
+from lavis_medblip.tasks.metrics import INVALID, match_generated_answer  # noqa: E402
+from train_step import synthetic_cohort  # noqa: E402
+
+
+def milliseconds(function, *args, **kwargs) -> tuple[float, float, object]:
+    """Wall and CPU (all of this process's threads; robust to other jobs) milliseconds, and the result."""
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
+    result = function(*args, **kwargs)
+    return 1000 * (time.perf_counter() - start_wall), 1000 * (time.process_time() - start_cpu), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--checkpoint", help="trainable-parameter checkpoint of a demo-type model")
+    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = OmegaConf.load(MedBLIP.default_config_path("demo")).model
+    torch.manual_seed(0)
+    model = MedBLIP.from_config(cfg)
+    if args.checkpoint:
+        model.load_checkpoint(args.checkpoint)
+    model.eval()
+
+    class_answers = [CLASS_ANSWERS[name] for name in CLASS_NAMES]
+    cases = synthetic_cohort(args.cases, cfg.image_size, seed=1)
+    sample = lambda case: {"image": case["image"][None], "text_input": [case["text"]]}  # noqa: E731
+    model.predict_answers(sample(cases[0]), class_answers)  # warm-up: lazy init, allocator
+    model.generate(sample(cases[0]), max_new_tokens=args.max_new_tokens)
+
+    ranking_cpu, generation_cpu = [], []
+    ranking_ms, generation_ms, agree, invalid, rank_correct, generate_correct = [], [], 0, 0, 0, 0
+    for case in cases:
+        elapsed, cpu, ranking = milliseconds(model.predict_answers, sample(case), class_answers)
+        ranking_ms.append(elapsed)
+        ranking_cpu.append(cpu)
+        elapsed, cpu, texts = milliseconds(model.generate, sample(case), max_new_tokens=args.max_new_tokens)
+        generation_ms.append(elapsed)
+        generation_cpu.append(cpu)
+        ranked = class_answers.index(ranking.predictions[0])
+        generated = match_generated_answer(texts[0], class_answers, list(CLASS_NAMES))
+        agree += generated == ranked
+        invalid += generated == INVALID
+        rank_correct += ranked == case["label"]
+        generate_correct += generated == case["label"]
+
+    n = len(cases)
+    print(f"model_type demo{' + ' + args.checkpoint if args.checkpoint else ' (untrained Q-Former/LoRA)'}, "
+          f"{n} cases, batch 1, torch threads {torch.get_num_threads()}")
+    print(f"{'method':<12}{'mean ms/case':>14}{'median':>10}{'min':>10}{'CPU ms':>10}{'accuracy':>10}  notes")
+    print(f"{'ranking':<12}{statistics.mean(ranking_ms):>14.0f}{statistics.median(ranking_ms):>10.0f}"
+          f"{min(ranking_ms):>10.0f}{statistics.median(ranking_cpu):>10.0f}{rank_correct / n:>10.2f}  "
+          f"{len(class_answers)} candidates")
+    print(f"{'generation':<12}{statistics.mean(generation_ms):>14.0f}{statistics.median(generation_ms):>10.0f}"
+          f"{min(generation_ms):>10.0f}{statistics.median(generation_cpu):>10.0f}{generate_correct / n:>10.2f}  "
+          f"greedy, max_new_tokens {args.max_new_tokens}; {invalid}/{n} name no single class")
+    print(f"agreement (generated class == ranking's top): {agree}/{n} = {agree / n:.2f}; "
+          f"generation / ranking latency: {statistics.mean(generation_ms) / statistics.mean(ranking_ms):.2f}x")
+    print("accuracy: against the synthetic labels (EHR scores follow the label; the volume is one template)")
+    print(f"example generation: {texts[0]!r}")
+
+
+if __name__ == "__main__":
+    main()

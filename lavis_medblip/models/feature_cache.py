@@ -1,0 +1,206 @@
+"""On-disk cache of the frozen 3D vision encoder's output tokens, one ``.npy`` per volume.
+
+When the whole vision path is frozen (``freeze_vision_stem: true``: 3D stem *and* ViT blocks, e.g.
+a second stage that trains only the Q-Former and LoRA), a volume always yields the same ViT tokens,
+so ``vision_feature_cache: <dir>`` stores them and later epochs skip the stem and the ViT.
+
+What is cached: ``visual_encoder.forward_features(volume)``, i.e. the tokens *before* ``ln_vision``.
+``ln_vision`` is trainable in MedBLIP (as in BLIP-2; it is loaded with the Q-Former), so it runs
+live on the cached tokens and the cache stays valid while it learns.
+
+The key of an entry is ``sha256(volume key : encoder key : format)``:
+
+- *volume key*: sha256 of the preprocessed volume tensor itself (dtype, shape and bytes). We chose
+  this over an id supplied by the dataset (e.g. ``content_sha256`` of the scan file plus the
+  processor's ``cache_settings``) because it is right whatever produced the tensor: the train
+  processor augments randomly by default, and a file-based key would then serve the features of
+  another augmentation; direct API callers (``load_model_and_preprocess``) pass bare tensors; and it
+  needs no change to the dataset, collater or runner. It costs one sha256 pass over the volume:
+  ~0.3 ms at 48³ and ~60 ms at 224³ (float32, one core), small against the stem + ViT on CPU. For
+  paper-scale runs on a GPU, where ViT-g takes a few tens of ms per volume, a dataset-computed key
+  would be cheaper; :meth:`VisionFeatureCache.tokens` accepts ``volume_keys`` for that.
+  Consequence: with random augmentation every training volume is new and the cache never hits;
+  use it with ``augment: false`` in the train processor (the eval processor never augments).
+- *encoder key*: sha256 of the vision encoder's weights (every parameter and buffer: names,
+  dtypes, shapes, bytes) and architecture (module types and their scalar settings such as
+  ``num_heads``), so a different stem or ViT never reads another one's entries. Hashing all
+  weights costs ~1.5 s per GB, so it is memoised on each tensor's storage and in-place version
+  counter: ``load_state_dict`` (e.g. a stage-1 checkpoint's stem) or an in-place update re-hashes
+  on the next call (edits through ``.data`` bypass version counters; call
+  :meth:`VisionFeatureCache.forget_encoder_key` after those).
+- *format*: a version string bumped whenever what is stored changes.
+
+Entries are float16 ``.npy`` files, written to a temporary file and moved into place with
+``os.replace`` and read through a copy-on-write memory map: the storage of
+:class:`lavis_medblip.processors.volume_cache.VolumeCache`, reused here. The cache runs where the
+model runs (the training process of each rank, not the DataLoader workers); any number of ranks or
+runs may share one directory: a reader sees no entry or a complete one. An unreadable entry, or
+one of the wrong shape or dtype, is rebuilt. On a miss the float16-rounded tokens are returned, so
+a first (filling) and a second (hitting) call give identical results; against the uncached path
+they differ by float16 rounding only.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from lavis_medblip.processors.volume_cache import VolumeCache, encode
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+#: Bump when the stored array's meaning changes (e.g. caching after ln_vision instead of before).
+FEATURE_CACHE_FORMAT = "medblip-vit-tokens-pre-ln_vision-v1"
+_HASH_SCALARS = (bool, int, float, str)
+
+
+def _is_setting(value: object) -> bool:
+    """Scalars and tuples of scalars (e.g. a Conv3d's stride) describe the architecture."""
+    if isinstance(value, tuple):
+        return all(isinstance(item, _HASH_SCALARS) for item in value)
+    return isinstance(value, _HASH_SCALARS)
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (any dtype, any device)."""
+    flat = tensor.detach().contiguous().view(-1)
+    digest = hashlib.sha256(f"{flat.dtype}:{tuple(tensor.shape)}:".encode())
+    # Viewing as bytes works for dtypes numpy lacks (bfloat16).
+    digest.update(memoryview(flat.view(torch.uint8).cpu().numpy()))
+    return digest.hexdigest()
+
+
+def _named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return sorted([*module.named_parameters(), *module.named_buffers()], key=lambda item: item[0])
+
+
+def module_sha256(module: nn.Module) -> str:
+    """sha256 of a module's architecture (module types, scalar settings) and every weight's bytes."""
+    digest = hashlib.sha256()
+    for name, child in module.named_modules():
+        settings = {key: value for key, value in vars(child).items()
+                    if not key.startswith("_") and key != "training" and _is_setting(value)}
+        digest.update(f"{name}:{type(child).__qualname__}:{sorted(settings.items())}\n".encode())
+    for name, tensor in _named_tensors(module):
+        digest.update(f"{name}:".encode())
+        digest.update(tensor_sha256(tensor).encode())
+    return digest.hexdigest()
+
+
+class _FeatureStore(VolumeCache):
+    """VolumeCache's atomic float16 ``.npy`` storage, addressed by a key string instead of a file."""
+
+    def entry_path(self, key: str) -> Path:  # type: ignore[override]
+        return self.cache_dir / key[:2] / f"{key}.npy"
+
+
+class VisionFeatureCache:
+    """Serves ``encoder.forward_features`` per volume from ``cache_dir``, computing only the misses.
+
+    ``hits``/``misses`` count volumes. The encoder must be frozen entirely (checked on every call):
+    cached tokens carry no gradient, so a trainable stem would silently stop learning.
+    """
+
+    def __init__(self, cache_dir: PathLike, encoder: nn.Module) -> None:
+        self.encoder = encoder
+        self._store = _FeatureStore(cache_dir, {"format": FEATURE_CACHE_FORMAT}, storage_dtype="float16")
+        self._encoder_key_memo: tuple[tuple, str] | None = None
+
+    @property
+    def cache_dir(self) -> Path:
+        return self._store.cache_dir
+
+    @property
+    def hits(self) -> int:
+        return self._store.hits
+
+    @property
+    def misses(self) -> int:
+        return self._store.misses
+
+    def encoder_key(self) -> str:
+        """Hash of the encoder's weights and architecture, recomputed only when a tensor changed."""
+        # data_ptr catches replaced tensors, _version catches in-place updates (copy_, add_, ...).
+        state = tuple((name, tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
+                      for name, tensor in _named_tensors(self.encoder))
+        if self._encoder_key_memo is None or self._encoder_key_memo[0] != state:
+            self._encoder_key_memo = (state, module_sha256(self.encoder))
+        return self._encoder_key_memo[1]
+
+    def forget_encoder_key(self) -> None:
+        """Re-hash the encoder on the next call (after edits the version counters cannot see)."""
+        self._encoder_key_memo = None
+
+    def entry_key(self, volume_key: str, encoder_key: str) -> str:
+        return hashlib.sha256(f"{volume_key}:{encoder_key}:{self._store.settings_key}".encode()).hexdigest()
+
+    def entry_path(self, volume: torch.Tensor) -> Path:
+        """Where one volume's (1, S, S, S) tokens are stored for the current encoder weights."""
+        return self._store.entry_path(self.entry_key(tensor_sha256(volume), self.encoder_key()))
+
+    def tokens(
+        self,
+        image: torch.Tensor,
+        compute: Callable[[torch.Tensor], torch.Tensor],
+        volume_keys: Sequence[str] | None = None,
+    ) -> torch.Tensor:
+        """Tokens (B, N+1, width) float32 for volumes (B, 1, S, S, S); ``compute`` runs on the misses.
+
+        ``volume_keys`` (one stable content id per volume) replaces hashing the volume tensors.
+        """
+        trainable = [name for name, p in self.encoder.named_parameters() if p.requires_grad]
+        if trainable:
+            raise RuntimeError(f"vision_feature_cache needs a frozen vision encoder, but {trainable[:3]} "
+                               f"require grad; set model.freeze_vision_stem: true")
+        if volume_keys is None:
+            volume_keys = [tensor_sha256(volume) for volume in image]
+        if len(volume_keys) != image.shape[0]:
+            raise ValueError(f"got {len(volume_keys)} volume keys for a batch of {image.shape[0]}")
+        encoder_key = self.encoder_key()
+        expected_shape = self._token_shape()
+        entries = [self._store.entry_path(self.entry_key(key, encoder_key)) for key in volume_keys]
+        arrays = [self._load(entry, expected_shape) for entry in entries]
+        missing = [index for index, array in enumerate(arrays) if array is None]
+        self._store.hits += len(entries) - len(missing)
+        self._store.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                computed = compute(image[missing])
+            for index, row in zip(missing, computed):
+                arrays[index] = self._save(entries[index], row)
+        # np.stack copies out of the memory maps into one batch array.
+        return torch.from_numpy(np.stack(arrays)).to(device=image.device, dtype=torch.float32)
+
+    def _token_shape(self) -> tuple[int, int] | None:
+        pos_embed = getattr(self.encoder, "pos_embed", None)  # (1, N+1, width) in LAVIS's ViT
+        return tuple(pos_embed.shape[1:]) if isinstance(pos_embed, torch.Tensor) else None
+
+    def _load(self, entry: Path, expected_shape: tuple[int, int] | None) -> np.ndarray | None:
+        array = self._store._try_load(entry)  # None when absent or unreadable (logged)
+        if array is None:
+            return None
+        if array.dtype != np.float16 or (expected_shape is not None and array.shape != expected_shape):
+            logger.warning("Ignoring cache entry %s of shape %s %s (expected %s float16); rebuilding it",
+                           entry, array.shape, array.dtype, expected_shape)
+            return None
+        return array
+
+    def _save(self, entry: Path, tokens: torch.Tensor) -> np.ndarray:
+        array = encode(tokens.detach().float().cpu(), "float16")
+        if not np.isfinite(array).all():
+            # float16 overflow (|x| > 65504): serve full precision uncached rather than store inf.
+            logger.warning("ViT tokens overflow float16; not caching %s", entry)
+            return tokens.detach().float().cpu().numpy()
+        try:
+            self._store._atomic_save(entry, array)
+        except OSError as exc:
+            # A full or read-only cache disk must not stop training: serve the result uncached.
+            logger.warning("Could not write cache entry %s (%s); continuing without caching it", entry, exc)
+        return array
