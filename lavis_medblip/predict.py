@@ -33,13 +33,11 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-import numpy as np
 import torch
 from lavis.common.registry import registry
 from lavis.models import load_preprocess
@@ -52,8 +50,6 @@ from lavis_medblip.processors.readers import DEFAULT_READERS, VolumeReadError
 from lavis_medblip.visualize import plot_volume_report
 
 DEFAULT_MODEL = "medblip"
-#: ``run.seed`` of the project YAMLs (projects/medblip/*.yaml). See ``seed_everything``.
-DEFAULT_SEED = 42
 #: Asked for ``--explain``: the model's diagnosis question asks for a label only.
 EXPLAIN_QUESTION = "Question: What will this subject be diagnosed with, and why? Answer:"
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
@@ -171,18 +167,6 @@ def load_config(model_type: str, options: Sequence[str]) -> Any:
     # The 3D patch stem is built for exactly model.image_size; the processor must produce that size.
     config.preprocess.vis_processor.eval.image_size = config.model.image_size
     return config
-
-
-def seed_everything(seed: int) -> None:
-    """Seed as ``lavis_medblip.launch.setup_seeds`` does, before the model is built.
-
-    Checkpoints hold only trainable parameters; frozen parts come from the backbones' weights,
-    or, where a config has none (the ViT blocks of ``demo`` and ``tiny``), from random init.
-    Those are the same as in training and ``lavis_medblip.evaluate`` only under the same seed.
-    """
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def load_model(config: Any, checkpoint: str | None, device: str) -> tuple[Any, Any, Any]:
@@ -364,9 +348,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override model config keys, e.g. lm_model=/models/BioMedLM qformer_bert=/models/bert "
                             "(repeatable)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    model.add_argument("--seed", type=int, default=DEFAULT_SEED,
-                       help="seed set before building the model: frozen parts a config leaves randomly initialised "
-                            "(demo, tiny) match training only under the training run's run.seed (default: %(default)s)")
 
     inputs = parser.add_argument_group("input (one of)")
     source = inputs.add_mutually_exclusive_group(required=True)
@@ -443,7 +424,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     device = args.device or default_device()
-    seed_everything(args.seed)
     model, volume_processor, text_processor = load_model(config, args.checkpoint, device)
     predictor = Predictor(model, volume_processor, text_processor, args.classes, device, question=args.question,
                           explain=args.explain, explain_question=args.explain_question,

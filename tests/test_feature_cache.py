@@ -17,7 +17,7 @@ TOKEN_SHAPE = (4**3 + 1, 64)  # tiny: 32³ volume, patch 8 → 64 patch tokens +
 def build(tiny_config, cache_dir=None, seed: int = 0) -> MedBLIP:
     tiny_config.freeze_vision_stem = True
     tiny_config.vision_feature_cache = None if cache_dir is None else str(cache_dir)
-    torch.manual_seed(seed)  # same seed → same random weights, cached or not
+    tiny_config.init_seed = seed  # same seed → same random weights, cached or not
     return MedBLIP.from_config(tiny_config)
 
 

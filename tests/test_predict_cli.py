@@ -11,22 +11,20 @@ import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
 from lavis_medblip.assets import ICBM_T1
 from lavis_medblip.data.schema import CLASS_ANSWERS
 from lavis_medblip.models import MedBLIP
-from lavis_medblip.predict import DEFAULT_SEED, find_scans, main
+from lavis_medblip.predict import find_scans, main
 
 EHR = "A 75-year-old female with 12 years of education. MMSE 24, CDR 0.5."
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A ``tiny`` checkpoint; the CLI rebuilds the same random frozen parts from the same seed."""
-    torch.manual_seed(DEFAULT_SEED)
+    """A ``tiny`` checkpoint; the CLI rebuilds the same random frozen parts from the config's init_seed."""
     model = MedBLIP.from_config(OmegaConf.load(MedBLIP.default_config_path("tiny")).model)
     path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
     model.save_checkpoint(path)
@@ -73,7 +71,6 @@ def test_probabilities_are_those_of_predict_answers_on_the_processed_volume(chec
     main(cli(checkpoint, "--image", str(ICBM_T1), "--text", EHR, "--output", str(results)))
     (row,) = read_rows(results)
 
-    torch.manual_seed(DEFAULT_SEED)  # the CLI's seed: the same random frozen parts
     config = OmegaConf.load(MedBLIP.default_config_path("tiny"))
     model = MedBLIP.from_config(config.model).eval()
     model.load_checkpoint(str(checkpoint))

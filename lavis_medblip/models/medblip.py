@@ -104,6 +104,7 @@ class MedBLIP(Blip2Base):
         lambda_lm: float = 1.0,
         prompt_order: Sequence[str] = PROMPT_SEGMENTS,
         question: str = DIAGNOSIS_QUESTION,
+        freeze_vit: bool = True,
         freeze_vision_stem: bool = False,
         vision_feature_cache: str | os.PathLike | None = None,
     ):
@@ -117,7 +118,8 @@ class MedBLIP(Blip2Base):
                 f"(e.g. a second stage training only the Q-Former and LoRA) or vision_feature_cache: null."
             )
         self.visual_encoder = vision_encoder
-        self.visual_encoder.train = disabled_train.__get__(self.visual_encoder)  # frozen blocks stay in eval mode
+        if freeze_vit:  # frozen blocks stay in eval mode, as in BLIP-2
+            self.visual_encoder.train = disabled_train.__get__(self.visual_encoder)
         if freeze_vision_stem:  # the whole vision path (stem, CLS token, ViT blocks) is frozen
             for parameter in vision_encoder.parameters():
                 parameter.requires_grad = False
@@ -178,7 +180,25 @@ class MedBLIP(Blip2Base):
 
     @classmethod
     def from_config(cls, cfg: Any) -> "MedBLIP":
+        """Build from a model config (``configs/medblip_*.yaml``), then load the configured weights.
+
+        Parts without pretrained weights are initialised from ``init_seed`` (default 0), whatever
+        the global RNG state, so that a checkpoint of trainable parameters always fits the same
+        frozen backbone; the global RNG is left as it was.
+        """
         cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.get("init_seed", 0))
+            model = cls._build(cfg)
+        model.config = cfg
+        if cfg.get("qformer_pretrained"):
+            model.load_from_pretrained(cfg["qformer_pretrained"])
+        if cfg.get("load_finetuned") and cfg.get("finetuned"):
+            model.load_checkpoint(cfg["finetuned"])
+        return model
+
+    @classmethod
+    def _build(cls, cfg: dict[str, Any]) -> "MedBLIP":
         vit = build_vit_3d(
             vit_model=cfg.get("vit_model", "eva_clip_g"),
             image_size=cfg.get("image_size", 224),
@@ -189,7 +209,7 @@ class MedBLIP(Blip2Base):
         )
         if cfg.get("vit_weights"):
             load_vit_weights(vit, cfg["vit_weights"])
-        freeze_vit_blocks(vit, cfg.get("vit_precision", "fp16"))
+        freeze_vit_blocks(vit, cfg.get("vit_precision", "fp16"), freeze=cfg.get("freeze_vit", True))
 
         bert = cfg.get("qformer_bert", "bert-base-uncased")
         tokenizer = cls.init_tokenizer(bert)
@@ -200,7 +220,6 @@ class MedBLIP(Blip2Base):
         )
         qformer.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # [DEC] starts random, as in LAVIS
         qformer.cls = None  # no image-grounded text generation in MedBLIP: the LM speaks
-
         model = cls(
             vision_encoder=vit,
             qformer=qformer,
@@ -214,14 +233,10 @@ class MedBLIP(Blip2Base):
             lambda_lm=cfg.get("lambda_lm", 1.0),
             prompt_order=cfg.get("prompt_order", PROMPT_SEGMENTS),
             question=cfg.get("question", DIAGNOSIS_QUESTION),
+            freeze_vit=cfg.get("freeze_vit", True),
             freeze_vision_stem=cfg.get("freeze_vision_stem", False),
             vision_feature_cache=cfg.get("vision_feature_cache"),
         )
-        model.config = cfg
-        if cfg.get("qformer_pretrained"):
-            model.load_from_pretrained(cfg["qformer_pretrained"])
-        if cfg.get("load_finetuned") and cfg.get("finetuned"):
-            model.load_checkpoint(cfg["finetuned"])
         return model
 
     # ---- encoders ---------------------------------------------------------------------------------

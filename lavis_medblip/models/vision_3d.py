@@ -110,10 +110,16 @@ def load_vit_weights(vit: VisionTransformer, url_or_path: str) -> None:
     logger.info("Loaded ViT weights from %s; not loaded on purpose (replaced by the 3D stem): %s", url_or_path, skipped)
 
 
-def freeze_vit_blocks(vit: VisionTransformer, precision: str) -> None:
-    """Freeze everything but the 3D stem (patch embedding, position embedding, CLS token)."""
+def freeze_vit_blocks(vit: VisionTransformer, precision: str, freeze: bool = True) -> None:
+    """Freeze everything but the 3D stem (patch embedding, position embedding, CLS token).
+
+    ``freeze=False`` (BLIP-2's ``freeze_vit: false``) trains the blocks too, in fp32; it is meant
+    for encoders without pretrained weights, such as the CPU demo's.
+    """
+    if not freeze and precision != "fp32":
+        raise ValueError(f"model.freeze_vit: false needs model.vit_precision: fp32, got {precision!r}")
     for name, parameter in vit.named_parameters():
-        parameter.requires_grad = name.startswith(("patch_embed.", "pos_embed", "cls_token"))
+        parameter.requires_grad = not freeze or name.startswith(("patch_embed.", "pos_embed", "cls_token"))
     if precision == "fp16":
         # LAVIS's converter touches Conv1d/2d/Linear only, so the Conv3d stem stays fp32 for AdamW.
         convert_weights_to_fp16(vit.blocks)
