@@ -5,6 +5,7 @@ wrong everywhere and has its own column in the confusion matrix.
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -78,18 +79,15 @@ def match_generated_answer(text: str, class_answers: Sequence[str], class_names:
     """Index of the class a generated answer names, or ``INVALID`` when it names none or several.
 
     Matches the class answer ("Alzheimer's disease") or the class code ("AD") as whole words,
-    case-insensitively; "not demented" is checked before "demented"-like answers by taking the
-    longest match.
+    case-insensitively.
     """
-    import re
-
     lowered = text.lower()
     found = set()
     for index, (answer, name) in enumerate(zip(class_answers, class_names)):
         for phrase in (answer.lower(), name.lower()):
             if re.search(rf"(?<![\w']){re.escape(phrase)}(?![\w'])", lowered):
                 found.add(index)
-    if len(found) > 1:  # e.g. "not demented" also contains no other class phrase; ambiguity is invalid
+    if len(found) > 1:  # naming two classes is no diagnosis
         return INVALID
     return found.pop() if found else INVALID
 
@@ -100,8 +98,6 @@ def match_generated_answer(text: str, class_answers: Sequence[str], class_names:
 
 def overlap_tokens(text: str) -> list[str]:
     """Lower-cased runs of letters and digits (rouge_score's tokenisation; punctuation is dropped)."""
-    import re
-
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
