@@ -75,7 +75,7 @@ def write_report(results: dict[str, dict], path: Path) -> Path:
     from lavis_medblip.visualize import draw_confusion_matrix, draw_loss_curves, draw_probabilities, draw_slices
 
     records = {record.subject_id: record for record in read_annotations(COHORT_DIR / "test.jsonl")}
-    processor = registry.get_processor_class("mri_volume_eval")(image_size=96)
+    processor = registry.get_processor_class("mri_volume_eval")(image_size=96, voxel_spacing=2.0)  # as demo_eval.yaml
     class_names = results["image_text"]["metrics"]["confusion_matrix"]["labels"]
 
     figure = plt.figure(figsize=(15, 11))
