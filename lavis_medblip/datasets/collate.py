@@ -1,9 +1,31 @@
-"""Batching that tolerates skipped samples (``on_error: skip`` makes a dataset return ``None``)."""
+"""Bad samples under ``on_error``: an error naming the file and sample, or a logged skip.
+
+A dataset reads its scan with :func:`process_or_skip` and returns ``None`` for a skipped sample;
+:func:`collate_skipping` drops those and counts them in ``num_skipped`` for the run's log.
+"""
 from __future__ import annotations
 
-from typing import Any, Sequence
+import logging
+from typing import Any, Callable, Sequence
 
 import torch
+
+from lavis_medblip.processors.readers import VolumeReadError
+
+logger = logging.getLogger(__name__)
+
+
+def process_or_skip(processor: Callable[[str], torch.Tensor], path: Any, on_error: str, where: str) -> torch.Tensor | None:
+    """``processor(path)``; on failure raise :class:`VolumeReadError` naming ``path`` and ``where``
+    (e.g. "sample 3 (row 17)"), or log and return ``None`` when ``on_error`` is ``"skip"``."""
+    try:
+        return processor(str(path))
+    except (OSError, ValueError, RuntimeError) as error:
+        problem = error.problem if isinstance(error, VolumeReadError) else f"{type(error).__name__}: {error}"
+        if on_error == "raise":
+            raise VolumeReadError(path, f"{where}: {problem}") from error
+        logger.warning("skipped %s (%s): %s", where, path, problem)
+        return None
 
 
 def collate_skipping(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:

@@ -41,8 +41,7 @@ from torch.utils.data import Dataset
 from lavis.common.registry import registry
 
 from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder
-from lavis_medblip.datasets.collate import collate_skipping
-from lavis_medblip.processors.readers import VolumeReadError
+from lavis_medblip.datasets.collate import collate_skipping, process_or_skip
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +203,8 @@ class M3DVQADataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record, image_path = self.records[index]
-        try:
-            image = self.vis_processor(str(image_path))
-        except (OSError, ValueError, RuntimeError) as error:
-            if self.on_error == "raise":
-                problem = error.problem if isinstance(error, VolumeReadError) else f"{type(error).__name__}: {error}"
-                raise VolumeReadError(image_path, f"sample {index} (row {record.source}): {problem}") from error
-            logger.warning("skipped sample %d (row %s, image %s): %s", index, record.source, image_path, error)
+        image = process_or_skip(self.vis_processor, image_path, self.on_error, f"sample {index} (row {record.source})")
+        if image is None:
             return None
         if self.mode == "closed":
             question = closed_question(record.question, record.choices)

@@ -16,8 +16,7 @@ from torch.utils.data import Dataset
 
 from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
-from lavis_medblip.datasets.collate import collate_skipping
-from lavis_medblip.processors.readers import VolumeReadError
+from lavis_medblip.datasets.collate import collate_skipping, process_or_skip
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +78,8 @@ class MRIAnnotationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record, image_path = self.records[index]
-        try:
-            image = self.vis_processor(str(image_path))
-        except (OSError, ValueError, RuntimeError) as error:
-            if self.on_error == "raise":
-                problem = getattr(error, "problem", str(error))  # VolumeReadError already names the file
-                raise VolumeReadError(image_path, f"sample {index} of this dataset: {problem}") from error
-            logger.warning("skipped sample %d (%s): %s", index, image_path, error)
+        image = process_or_skip(self.vis_processor, image_path, self.on_error, f"sample {index} of this dataset")
+        if image is None:
             return None
         label = self.class_names.index(record.label) if record.label is not None else -1
         return {
