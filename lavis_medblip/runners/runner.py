@@ -26,12 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, is_main_process
 from lavis.common.registry import registry
 from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
+
+from lavis_medblip.datasets.collate import collate_skipping
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,8 @@ class MedBLIPRunner(RunnerBase):
         for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
             if isinstance(dataset, (list, tuple)):
                 raise ValueError("medblip_runner takes map-style datasets only (no webdataset pipelines)")
+            if isinstance(dataset, ConcatDataset):  # LAVIS wraps train splits; its collater can't take skipped samples
+                collate_fn = collate_skipping
             sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=is_train,
                                          seed=seed, drop_last=is_train)
             if not is_train and not self.use_dist_eval_sampler:

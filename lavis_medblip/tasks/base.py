@@ -51,6 +51,9 @@ class StepLog:
 
 
 class MedBLIPTask(BaseTask):
+    #: the loss terms the model's output holds, logged each step and averaged per epoch
+    loss_terms: tuple[str, ...] = LOSS_TERMS
+
     def train_epoch(
         self,
         epoch: int,
@@ -67,11 +70,11 @@ class MedBLIPTask(BaseTask):
         data_iter = data_loader if hasattr(data_loader, "__next__") else iter(data_loader)
         metric_logger = MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-        for term in LOSS_TERMS:
+        for term in self.loss_terms:
             metric_logger.add_meter(term, SmoothedValue(window_size=1, fmt="{value:.4f}"))
         trainable = [p for p in model.parameters() if p.requires_grad]
         device = trainable[0].device
-        totals = dict.fromkeys(LOSS_TERMS, 0.0)
+        totals = dict.fromkeys(self.loss_terms, 0.0)
         steps = skipped = 0
 
         step_log = StepLog()
@@ -99,7 +102,7 @@ class MedBLIPTask(BaseTask):
                 optimizer.zero_grad()
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
             if output is not None:
-                values = {term: output[term].detach().item() for term in LOSS_TERMS if output.get(term) is not None}
+                values = {term: output[term].detach().item() for term in self.loss_terms if output.get(term) is not None}
                 metric_logger.update(**values)
                 for term, value in values.items():
                     totals[term] += value
@@ -109,7 +112,7 @@ class MedBLIPTask(BaseTask):
         step_log.close()
         summed = all_reduce_sum([*totals.values(), steps, skipped], device)
         steps, skipped = int(summed[-2]), int(summed[-1])
-        stats = {term: round(total / max(steps, 1), 4) for term, total in zip(LOSS_TERMS, summed)}
+        stats = {term: round(total / max(steps, 1), 4) for term, total in zip(self.loss_terms, summed)}
         stats.update(lr=optimizer.param_groups[0]["lr"], iters_per_epoch=iters_per_epoch, num_steps=steps,
                      num_skipped=skipped, world_size=get_world_size())
         logger.info("Averaged stats (all ranks): %s", stats)
