@@ -33,12 +33,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 
 from lavis.common.registry import registry
 
 from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder, resolve_storage
-from lavis_medblip.datasets.collate import collate_skipping, process_or_skip
+from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 
 logger = logging.getLogger(__name__)
 ROCO_SUBSETS = ("radiology", "non-radiology")
@@ -58,21 +57,15 @@ def read_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-class CaptionDataset(Dataset):
+class CaptionDataset(SkippingDataset):
     """Image–caption pairs from :class:`CaptionRecord` s."""
 
     def __init__(self, vis_processor: Callable[[Any], torch.Tensor], text_processor: Callable[[str], str],
                  records: Sequence[CaptionRecord], on_error: str = "raise",
                  skipped_annotations: Sequence[str] = ()):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-        self.vis_processor, self.text_processor = vis_processor, text_processor
+        super().__init__(vis_processor, text_processor, on_error)
         self.records = list(records)
-        self.on_error = on_error
         self.skipped_annotations = list(skipped_annotations)
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def _read_image(self, path: str) -> torch.Tensor:
         return self.vis_processor(read_rgb(path))
@@ -85,8 +78,6 @@ class CaptionDataset(Dataset):
         return {"image": image, "text_input": self.text_processor(record.caption), "caption": record.caption,
                 "instance_id": record.instance_id}
 
-    def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate_skipping(samples)
 
 
 # ---- generic JSONL -----------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Bad samples under ``on_error``: an error naming the file and sample, or a logged skip.
 
-A dataset reads its scan with :func:`process_or_skip` and returns ``None`` for a skipped sample;
-:func:`collate_skipping` drops those and counts them in ``num_skipped`` for the run's log.
+A dataset (a :class:`SkippingDataset`) reads its scan with :func:`process_or_skip` and returns
+``None`` for a skipped sample; :func:`collate_skipping` drops those and counts them in
+``num_skipped`` for the run's log.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.utils.data import Dataset
 
 from lavis_medblip.processors.readers import VolumeReadError
 
@@ -45,3 +47,21 @@ def collate_skipping(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]
         else:
             batch[key] = values
     return batch
+
+
+class SkippingDataset(Dataset):
+    """What our datasets share: processors, ``on_error``, ``records``, skipped-annotation log, collater."""
+
+    def __init__(self, vis_processor: Callable[[Any], torch.Tensor], text_processor: Callable[[str], str],
+                 on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.vis_processor, self.text_processor, self.on_error = vis_processor, text_processor, on_error
+        self.records: list[Any] = []
+        self.skipped_annotations: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
+        return collate_skipping(samples)

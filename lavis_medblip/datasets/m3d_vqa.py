@@ -36,12 +36,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from lavis.common.registry import registry
 
 from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder
-from lavis_medblip.datasets.collate import collate_skipping, process_or_skip
+from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def read_m3d_records(path: str | os.PathLike, mode: str = "closed", on_error: st
     return records
 
 
-class M3DVQADataset(Dataset):
+class M3DVQADataset(SkippingDataset):
     """Yields ``{image, text_input, question, text_output, question_type, choices, choice_letters,
     answer_choice, answer, raw_question, instance_id}``; ``question`` is the full prompt for the model."""
 
@@ -179,16 +178,12 @@ class M3DVQADataset(Dataset):
         use_report_text: bool = False,
         on_error: str = "raise",
     ):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        super().__init__(vis_processor, text_processor, on_error)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if "{question}" not in prompt_template:
             raise ValueError(f"prompt_template must contain '{{question}}', got {prompt_template!r}")
-        self.vis_processor, self.text_processor = vis_processor, text_processor
         self.mode, self.prompt_template, self.use_report_text = mode, prompt_template, use_report_text
-        self.on_error = on_error
-        self.skipped_annotations: list[str] = []
         self.records: list[tuple[M3DVQARecord, Path]] = []
         for ann_path in ann_paths:
             # M3D's Image Path is relative to the data root; without one, to the CSV's folder
@@ -197,9 +192,6 @@ class M3DVQADataset(Dataset):
                 self.records.append((record, folder / record.image))
         if self.skipped_annotations:
             logger.warning("%d row(s) skipped while reading %s", len(self.skipped_annotations), list(ann_paths))
-
-    def __len__(self) -> int:
-        return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record, image_path = self.records[index]
@@ -225,8 +217,6 @@ class M3DVQADataset(Dataset):
             "instance_id": record.instance_id,
         }
 
-    def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate_skipping(samples)
 
 
 @registry.register_builder("m3d_vqa")

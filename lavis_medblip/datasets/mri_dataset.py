@@ -12,16 +12,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
-from lavis_medblip.datasets.collate import collate_skipping, process_or_skip
+from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 
 logger = logging.getLogger(__name__)
 
 
-class MRIAnnotationDataset(Dataset):
+class MRIAnnotationDataset(SkippingDataset):
     """Yields ``{image, text_input, question, text_output, label, instance_id, subject_id}``.
 
     ``text_output`` is the class answer the LM learns to say (``CLASS_ANSWERS``); ``label`` is the
@@ -39,18 +38,13 @@ class MRIAnnotationDataset(Dataset):
         on_error: str = "raise",
         require_label: bool = False,
     ):
-        if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        super().__init__(vis_processor, text_processor, on_error)
         unknown = [name for name in class_names if name not in CLASS_ANSWERS]
         if unknown:
             raise ValueError(f"class_names {unknown} are not among {list(CLASS_ANSWERS)}")
-        self.vis_processor = vis_processor
-        self.text_processor = text_processor
         self.class_names = list(class_names)
         self.class_answers = [CLASS_ANSWERS[name] for name in self.class_names]
         self.question = question
-        self.on_error = on_error
-        self.skipped_annotations: list[str] = []
         self.records: list[tuple[AnnotationRecord, Path]] = []
         for ann_path in ann_paths:
             folder = Path(image_root) if image_root else Path(ann_path).parent
@@ -73,9 +67,6 @@ class MRIAnnotationDataset(Dataset):
             return f"label {record.label!r} is not one of this dataset's classes {self.class_names}"
         return None
 
-    def __len__(self) -> int:
-        return len(self.records)
-
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record, image_path = self.records[index]
         image = process_or_skip(self.vis_processor, image_path, self.on_error, f"sample {index} of this dataset")
@@ -93,5 +84,3 @@ class MRIAnnotationDataset(Dataset):
             "site": record.site,
         }
 
-    def collater(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-        return collate_skipping(samples)
