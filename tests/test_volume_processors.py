@@ -54,6 +54,12 @@ def save(image: nib.spatialimages.SpatialImage, path: Path) -> Path:
     return path
 
 
+def every_other_axial_slice(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The same anatomy with twice the slice spacing (anisotropic voxels)."""
+    data = np.ascontiguousarray(np.asarray(image.dataobj)[:, :, ::2])
+    return nib.Nifti1Image(data, image.affine @ np.diag([1.0, 1.0, 2.0, 1.0]))
+
+
 def nibabel_anatomical() -> Path:
     import nibabel.testing
 
@@ -274,10 +280,25 @@ def test_nilearn_mni152_template(tmp_path, eval_processor):
     assert volume.shape == (1, SIZE, SIZE, SIZE) and float(volume.max()) == pytest.approx(1.0)
 
 
+def new_mr_dataset(sop_class_uid: str, study_uid: str, series_uid: str):
+    """An empty MR DICOM dataset with its file meta and identifiers, ready for pixel data."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series_uid, "MR"
+    return ds
+
+
 def write_dicom_series(image: nib.Nifti1Image, directory: Path) -> None:
     """Write an axis-aligned RAS NIfTI as an axial DICOM series in LPS, files in random order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+    from pydicom.uid import MRImageStorage, generate_uid
 
     data = np.asarray(image.dataobj).astype(np.int16)
     spacing = float(image.header.get_zooms()[0])
@@ -291,14 +312,7 @@ def write_dicom_series(image: nib.Nifti1Image, directory: Path) -> None:
     order = list(range(nz))
     random.Random(0).shuffle(order)  # file names and instance numbers do not follow position
     for file_index, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, series_uid, "MR"
+        ds = new_mr_dataset(MRImageStorage, study_uid, series_uid)
         ds.InstanceNumber = file_index + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = [x0, y0, float(origin[2] + k * spacing)]
@@ -321,6 +335,107 @@ def test_dicom_series_matches_the_same_volume_as_nifti(icbm_small, tmp_path, eva
 
     nifti = save(icbm_small, tmp_path / "small.nii.gz")
     assert torch.equal(eval_processor(tmp_path / "series"), eval_processor(nifti))
+
+
+def write_enhanced_dicom(
+    image: nib.Nifti1Image, path: Path, axcodes: tuple[str, str, str], rescale: tuple[float, float] = (1.0, 0.0)
+) -> None:
+    """Write an axis-aligned NIfTI as one Enhanced MR multi-frame file, frames in random order.
+
+    Voxel axes are stored along ``axcodes`` (columns, rows, frames), as a scanner acquiring that
+    way would. Frame positions go in PerFrameFunctionalGroupsSequence; spacing, orientation and
+    ``rescale`` = (slope, intercept) once in SharedFunctionalGroupsSequence. Stored values are the
+    image's, so the real values are ``image * slope + intercept``.
+    """
+    from pydicom.dataset import Dataset
+    from pydicom.uid import EnhancedMRImageStorage, generate_uid
+
+    transform = nib.orientations.ornt_transform(nib.io_orientation(image.affine), nib.orientations.axcodes2ornt(axcodes))
+    stored = image.as_reoriented(transform)
+    grid = np.asarray(stored.dataobj).astype(np.int16)  # (columns, rows, frames)
+    affine_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ stored.affine
+    spacing = np.linalg.norm(affine_lps[:3, :3], axis=0)
+    order = list(range(grid.shape[2]))
+    random.Random(1).shuffle(order)  # frame order does not follow position
+
+    ds = new_mr_dataset(EnhancedMRImageStorage, generate_uid(), generate_uid())
+
+    measures, orientation, transformation = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = [float(spacing[1]), float(spacing[0])]  # (between rows, between columns)
+    measures.SliceThickness = float(spacing[2])
+    orientation.ImageOrientationPatient = [*(affine_lps[:3, 0] / spacing[0]), *(affine_lps[:3, 1] / spacing[1])]
+    transformation.RescaleSlope, transformation.RescaleIntercept, transformation.RescaleType = *rescale, "US"
+    shared = Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    shared.PlaneOrientationSequence = [orientation]
+    shared.PixelValueTransformationSequence = [transformation]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per_frame = []
+    for k in order:
+        position, group = Dataset(), Dataset()
+        position.ImagePositionPatient = [float(v) for v in (affine_lps @ [0, 0, k, 1])[:3]]
+        group.PlanePositionSequence = [position]
+        per_frame.append(group)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+
+    pixels = np.stack([grid[:, :, k].T for k in order])  # frames x rows x columns
+    ds.NumberOfFrames, ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = np.ascontiguousarray(pixels).astype("<i2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.mark.parametrize(
+    "axcodes", [("L", "P", "S"), ("P", "I", "L"), ("R", "S", "P")], ids=["axial", "sagittal", "coronal"]
+)
+def test_enhanced_multiframe_dicom_matches_the_same_volume_as_nifti(icbm_small, tmp_path, eval_processor, axcodes):
+    # 3 x 3 x 6 mm: a swapped PixelSpacing or slice step would show in the affine.
+    image = every_other_axial_slice(icbm_small)
+    write_enhanced_dicom(image, tmp_path / "enhanced.dcm", axcodes, rescale=(2.0, -100.0))
+    expected = np.asarray(image.dataobj) * 2.0 - 100.0
+    for path in (tmp_path / "enhanced.dcm", tmp_path):  # the file, or a directory holding only it
+        volume = ToCanonicalRAS()(load_volume(path))
+        np.testing.assert_array_equal(volume.data, expected)
+        np.testing.assert_allclose(volume.affine, image.affine, atol=1e-6)
+
+    # Percentile scaling removes the linear rescale: the same output as the NIfTI, up to rounding.
+    nifti = save(image, tmp_path / "small.nii.gz")
+    torch.testing.assert_close(eval_processor(tmp_path / "enhanced.dcm"), eval_processor(nifti), atol=1e-5, rtol=0)
+
+
+def test_a_per_frame_orientation_overrides_the_shared_one(icbm_small, tmp_path):
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    path = tmp_path / "enhanced.dcm"
+    write_enhanced_dicom(icbm_small, path, ("L", "P", "S"))
+    ds = pydicom.dcmread(path)
+    tilted = Dataset()
+    tilted.ImageOrientationPatient = [1, 0, 0, 0, 0.8, 0.6]  # one frame of a three-plane localizer, say
+    ds.PerFrameFunctionalGroupsSequence[3].PlaneOrientationSequence = [tilted]
+    ds.save_as(path)
+    with pytest.raises(VolumeReadError, match="different orientations") as caught:
+        load_volume(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_directory_with_two_series_is_an_error_listing_them(icbm_small, tmp_path):
+    import pydicom
+
+    write_dicom_series(icbm_small, tmp_path / "study")
+    write_dicom_series(every_other_axial_slice(icbm_small), tmp_path / "other")
+    for file in (tmp_path / "other").glob("*.dcm"):
+        file.rename(tmp_path / "study" / f"other_{file.name}")
+    uids = {str(pydicom.dcmread(file).SeriesInstanceUID) for file in (tmp_path / "study").glob("*.dcm")}
+    assert len(uids) == 2
+
+    with pytest.raises(VolumeReadError) as caught:
+        load_volume(tmp_path / "study")
+    message = str(caught.value)
+    assert str(tmp_path / "study") in message and "2 DICOM series" in message
+    assert all(uid in message for uid in uids)
+    assert "65 images" in message and "33 images" in message
 
 
 # --------------------------------------------------------------------------- bad input
@@ -353,6 +468,8 @@ def bad_inputs(tmp_path: Path, icbm: nib.Nifti1Image) -> dict[str, tuple[Path, s
     cases["all NaN"] = (tmp_path / "all_nan.npy", "NaN")
     cases["missing"] = (tmp_path / "does_not_exist.nii.gz", "no such file")
     cases["empty DICOM dir"] = (tmp_path / "empty_dir", "no DICOM")
+    (tmp_path / "notes.dcm").write_text("a .dcm suffix, but text")
+    cases["not DICOM"] = (tmp_path / "notes.dcm", "not a DICOM file")
     (tmp_path / "empty_dir").mkdir()
     return cases
 
@@ -449,6 +566,21 @@ def test_uint8_cache_and_damaged_entries_are_rebuilt(tmp_path):
     entry.write_bytes(b"\x93NUMPY truncated")
     again = MriVolumeEvalProcessor(image_size=SIZE, cache_dir=tmp_path, cache_dtype="uint8")
     assert torch.equal(again(ICBM_T1), first) and again.cache.misses == 1
+
+
+def test_float32_cache_is_exact_and_its_output_is_a_copy_on_write_map(tmp_path):
+    processor = MriVolumeEvalProcessor(image_size=SIZE, cache_dir=tmp_path, cache_dtype="float32")
+    first = processor(ICBM_T1)
+    (entry,) = tmp_path.rglob("*.npy")
+    stored_bytes = entry.read_bytes()
+    cached = processor(ICBM_T1)
+    assert processor.cache.hits == 1
+    # No rounding: the cached output is the uncached one, bit for bit.
+    assert torch.equal(cached, MriVolumeEvalProcessor(image_size=SIZE)(ICBM_T1)) and torch.equal(cached, first)
+    # The output maps the entry, yet writing to it leaves the file (and later reads) untouched.
+    cached.mul_(0.5)
+    assert entry.read_bytes() == stored_bytes
+    assert torch.equal(processor(ICBM_T1), first)
 
 
 def test_cache_for_dicom_directories(icbm_small, tmp_path):

@@ -1,1 +1,8 @@
-"""Annotation schema, EHR text and label normalisation shared by builders and cohort scripts."""
+"""What the cohort preparation scripts share with the plugin: annotation schema, EHR text, labels,
+the M3D-VQA CSV format and content hashes.
+
+Nothing here imports LAVIS, torch or transformers (tests/test_light_imports.py checks), so
+``python -m dataset_builders.<cohort>`` starts in well under a second; importing
+``lavis_medblip`` defers its LAVIS registration until LAVIS itself is imported
+(:mod:`lavis_medblip.registration`).
+"""

@@ -3,6 +3,7 @@
 3D brain MRI in the annotation schema: ``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``;
 M3D-VQA: ``m3d_vqa``; 2D captioning: ``roco``, ``medical_caption``.
 """
+import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
 from lavis_medblip.datasets.builders import (
     ADNIBuilder, AIBLBuilder, BrainMRIBuilder, MIRIADBuilder, NACCBuilder, OASISBuilder,
 )

@@ -34,23 +34,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import pandas as pd
 import torch
 
 from lavis.common.registry import registry
 
+from lavis_medblip.data.m3d_vqa import (  # noqa: F401  (M3D_COLUMNS, QUESTION_TYPES: importable from here too)
+    CHOICE_LETTERS, M3D_COLUMNS, QUESTION_TYPES, is_missing_value, parse_question_type, read_m3d_csv,
+)
 from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder
 from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 
 logger = logging.getLogger(__name__)
 
-M3D_COLUMNS = ("Image Path", "Text", "Question Type", "Question", "Choice A", "Choice B", "Choice C", "Choice D",
-               "Answer", "Answer Choice")
-CHOICE_LETTERS = ("A", "B", "C", "D")
-QUESTION_TYPES = {1: "Plane", 2: "Phase", 3: "Organ", 4: "Abnormality", 5: "Location"}
 MODES = ("closed", "open")
 DEFAULT_PROMPT_TEMPLATE = "Question: {question} Answer:"
-_MISSING_VALUES = {"", "na", "n/a", "nan"}
 
 
 @dataclass(frozen=True)
@@ -77,25 +74,6 @@ class M3DVQARecord:
         return f"{Path(self.file).stem}:{self.line}"
 
 
-def is_missing_value(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and value != value) or str(value).strip().lower() in _MISSING_VALUES
-
-
-def parse_question_type(value: Any) -> int:
-    """M3D's question type as 1–5; accepts the number ("3", "3.0") or the name ("Organ")."""
-    text = str(value).strip()
-    names = {name.lower(): number for number, name in QUESTION_TYPES.items()}
-    if text.lower() in names:
-        return names[text.lower()]
-    try:
-        number = float(text)
-    except ValueError:
-        number = float("nan")
-    if number in QUESTION_TYPES:
-        return int(number)
-    raise ValueError(f"question type {text!r} is not one of {QUESTION_TYPES}")
-
-
 def format_choice(letter: str, choice: str) -> str:
     """``"B. Sagittal"``: how a choice appears in the closed prompt, the target and the ranked candidates."""
     return f"{letter}. {choice}"
@@ -104,19 +82,6 @@ def format_choice(letter: str, choice: str) -> str:
 def closed_question(question: str, choices: Mapping[str, str]) -> str:
     """M3D's closed-ended prompt: ``"{question} Choices: A. {A} B. {B} …"``."""
     return f"{question} Choices: " + " ".join(format_choice(letter, choice) for letter, choice in choices.items())
-
-
-def read_m3d_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """An M3D-VQA CSV as strings (``NA`` kept as text); ``ValueError`` names the file and missing columns."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: cannot read the M3D-VQA CSV ({error})") from error
-    frame.columns = [str(column).strip() for column in frame.columns]
-    missing = [column for column in M3D_COLUMNS if column not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the table has {list(frame.columns)}")
-    return frame
 
 
 def parse_row(row: Mapping[str, Any], file: str, line: int, mode: str = "closed") -> M3DVQARecord:

@@ -3,6 +3,7 @@
 Importing this package registers ``mri_volume_train``, ``mri_volume_eval``, ``mri_volume_blank`` and ``medblip_text``
 in ``lavis.common.registry``.
 """
+import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
 from lavis_medblip.processors.blank import MriVolumeBlankProcessor
 from lavis_medblip.processors.text import MedBlipTextProcessor
 from lavis_medblip.processors.readers import ConstantVolumeWarning, Volume, VolumeReadError, VolumeTransformError, load_volume

@@ -77,6 +77,10 @@ class MriVolumeProcessor(BaseProcessor):
     ``processor(item)`` takes a path (NIfTI, MGH/MGZ, M3D .npy, DICOM series directory), a
     numpy array or a tensor (3D, or 1 x D x H x W; voxel order taken as RAS) and returns a
     ``1 x S x S x S`` tensor of ``dtype`` in [0, 1].
+
+    ``cache_dir`` turns on the preprocessed-volume cache; ``cache_dtype`` (float16, uint8 or
+    float32) is how entries are stored. When it equals ``dtype`` the output maps the entry with no
+    decode pass; float32 entries take twice float16's disk and page cache.
     """
 
     def __init__(

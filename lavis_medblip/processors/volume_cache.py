@@ -13,69 +13,24 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
 import numpy as np
 import torch
 
+# Lives in lavis_medblip.data (no torch) for the data-preparation scripts; still importable from here.
+from lavis_medblip.data.hashing import content_sha256
+
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-# Storage dtypes: both hold values in [0, 1]. uint8 is half the size (quantisation step 1/255);
-# float16 keeps ~3 significant digits (step <= 2**-11 near 1).
-CACHE_STORAGE_DTYPES = {"uint8": np.uint8, "float16": np.float16}
-
-_HASH_CHUNK_BYTES = 1 << 22
-# (resolved path, size, mtime_ns, ctime_ns, inode) -> sha256 hex. Hashing a large file costs
-# ~10 ms per 30 MB; the stat fields change whenever the file is rewritten or replaced.
-_content_hash_memo: dict[tuple, str] = {}
-_memo_lock = threading.Lock()
-
-
-def _file_sha256(path: Path, digest: "hashlib._Hash") -> None:
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-
-
-def _stat_key(stat: os.stat_result) -> tuple[int, int, int, int]:
-    return stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino
-
-
-def content_sha256(path: PathLike) -> str:
-    """sha256 of a file's bytes, or of a directory's regular files (names and bytes, sorted).
-
-    A DICOM series is a directory, so its key covers every file in it. Memoised per process on
-    each file's (path, size, mtime_ns, ctime_ns, inode).
-    """
-    path = Path(path).resolve()
-    if path.is_dir():
-        files = sorted(entry for entry in path.iterdir() if entry.is_file())
-        stats = tuple((entry.name, *_stat_key(entry.stat())) for entry in files)
-        memo_key = (str(path), stats)
-    else:
-        stat = path.stat()
-        files = [path]
-        memo_key = (str(path), *_stat_key(stat))
-    with _memo_lock:
-        cached = _content_hash_memo.get(memo_key)
-    if cached is not None:
-        return cached
-    digest = hashlib.sha256()
-    if path.is_dir():
-        for entry in files:
-            # The name goes in too: renaming slices can change their order in a series.
-            digest.update(entry.name.encode("utf-8") + b"\0")
-            _file_sha256(entry, digest)
-    else:
-        _file_sha256(path, digest)
-    value = digest.hexdigest()
-    with _memo_lock:
-        _content_hash_memo[memo_key] = value
-    return value
+# Storage dtypes, all holding values in [0, 1]. uint8 is the smallest (quantisation step 1/255);
+# float16 keeps ~3 significant digits (step <= 2**-11 near 1); float32 is exact and twice float16's
+# size, and a float32 output then maps the entry with no decode pass: the fastest cached path while
+# the entries fit in the page cache, the slowest once they must come from disk.
+CACHE_STORAGE_DTYPES = {"uint8": np.uint8, "float16": np.float16, "float32": np.float32}
 
 
 def settings_sha256(settings: Mapping[str, Any]) -> str:
@@ -158,10 +113,10 @@ class VolumeCache:
 
 
 def encode(volume: torch.Tensor, storage_dtype: str) -> np.ndarray:
-    """float tensor in [0, 1] -> compact numpy array."""
+    """float tensor in [0, 1] -> numpy array of the storage dtype (uint8 holds round(255 x value))."""
     if storage_dtype == "uint8":
         return volume.float().mul(255.0).round_().clamp_(0, 255).to(torch.uint8).numpy()
-    return volume.to(torch.float16).numpy()
+    return volume.to(getattr(torch, storage_dtype)).numpy()
 
 
 def new_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -178,13 +133,17 @@ def new_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> to
 
 
 def decode(stored: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Compact (possibly memory-mapped) array -> tensor of ``dtype`` in [0, 1].
+    """Stored (possibly memory-mapped) array -> tensor of ``dtype`` in [0, 1].
 
-    When ``dtype`` is the storage dtype (float16) the tensor shares the copy-on-write memory
-    map: no copy, pages are read on first touch. Otherwise one conversion pass fills a new tensor.
+    When ``dtype`` is the storage dtype the tensor shares the copy-on-write memory map: no copy,
+    pages are read on first touch, and writing to the tensor never changes the file. Otherwise one
+    conversion pass fills a new tensor (plus an in-place scaling pass for uint8).
     """
     source = torch.from_numpy(stored)
     if source.dtype == dtype:
         return source
+    # torch's copy_ converts float16 with vectorised F16C instructions (numpy's astype does not),
+    # and new_tensor's huge pages make the fresh 1 x S^3 output cheap to fault in; torch.empty or
+    # .to(dtype) would take ~3x longer here (4 KiB page faults).
     out = new_tensor(tuple(stored.shape), dtype).copy_(source)
     return out.mul_(1.0 / 255.0) if source.dtype == torch.uint8 else out
