@@ -43,6 +43,16 @@ def test_qformer_starts_from_the_real_bert_weights(real_model, minilm_dir):
     assert real_model.tokenizer.convert_tokens_to_ids("[DEC]") == 30522
 
 
+def test_query_feed_forward_layers_start_from_berts_as_in_blip2(real_model, minilm_dir):
+    # BERT has one FFN per layer; the Q-Former adds a second one for the queries (``*_query``),
+    # which LAVIS's Blip2Qformer copies from BERT's rather than leaving random.
+    bert = load_file(f"{minilm_dir}/model.safetensors")
+    layer = real_model.Qformer.bert.encoder.layer[3]
+    torch.testing.assert_close(layer.intermediate_query.dense.weight, bert["encoder.layer.3.intermediate.dense.weight"])
+    torch.testing.assert_close(layer.output_query.LayerNorm.weight, bert["encoder.layer.3.output.LayerNorm.weight"])
+    assert layer.output_query.dense.weight.data_ptr() != layer.output.dense.weight.data_ptr()  # copies, not shared
+
+
 def test_smollm2_is_frozen_with_lora_on_query_and_value(real_model):
     lm = real_model.language_model
     assert lm.model.config.model_type == "llama" and not lm.is_encoder_decoder

@@ -81,6 +81,19 @@ def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tens
             + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
 
 
+def copy_text_ffn_to_query_ffn(qformer: nn.Module) -> None:
+    """Start the queries' feed-forward layers (``*_query``) from BERT's, as LAVIS's ``Blip2Qformer`` does.
+
+    ``from_pretrained`` leaves them random (BERT has no such layers); a BLIP-2 checkpoint, when
+    loaded afterwards, overwrites them with its trained values.
+    """
+    state = qformer.state_dict()
+    with torch.no_grad():
+        for name, parameter in qformer.named_parameters():
+            if "_query" in name:
+                parameter.copy_(state[name.replace("_query", "")])
+
+
 @registry.register_model("medblip")
 class MedBLIP(Blip2Base):
     """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA."""
@@ -219,6 +232,8 @@ class MedBLIP(Blip2Base):
             config_overrides=cfg.get("qformer_config_overrides"),
         )
         qformer.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # [DEC] starts random, as in LAVIS
+        if cfg.get("qformer_load_bert_weights", True):
+            copy_text_ffn_to_query_ffn(qformer)
         qformer.cls = None  # no image-grounded text generation in MedBLIP: the LM speaks
         model = cls(
             vision_encoder=vit,
