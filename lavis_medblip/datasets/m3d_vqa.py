@@ -1,6 +1,6 @@
 """M3D-VQA (Bai et al. 2024) as a registered LAVIS dataset: ``m3d_vqa``.
 
-The CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) have the columns :data:`M3D_COLUMNS`; ``Image Path``
+The CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) have the columns :data:`lavis_medblip.data.m3d_vqa.M3D_COLUMNS`; ``Image Path``
 is relative to the data root (``build_info.images.storage``) and points at a 1×D×H×W float32
 ``.npy`` in [0, 1], which the ``mri_volume_*`` processors read as they are. Missing choices are
 ``NA`` (or blank) and are dropped; the letters of the remaining choices are kept.
@@ -38,9 +38,7 @@ import torch
 
 from lavis.common.registry import registry
 
-from lavis_medblip.data.m3d_vqa import (  # noqa: F401  (M3D_COLUMNS, QUESTION_TYPES: importable from here too)
-    CHOICE_LETTERS, M3D_COLUMNS, QUESTION_TYPES, is_missing_value, parse_question_type, read_m3d_csv,
-)
+from lavis_medblip.data.m3d_vqa import CHOICE_LETTERS, is_missing_value, parse_question_type, read_m3d_csv
 from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder
 from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 

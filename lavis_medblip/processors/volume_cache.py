@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping, Union
 import numpy as np
 import torch
 
-# Lives in lavis_medblip.data (no torch) for the data-preparation scripts; still importable from here.
 from lavis_medblip.data.hashing import content_sha256
 
 logger = logging.getLogger(__name__)
