@@ -614,3 +614,81 @@ def test_train_augmentation_changes_output_and_eval_is_deterministic():
 def test_train_processor_without_augmentation_equals_eval():
     train_processor = MriVolumeTrainProcessor.from_config({"image_size": SIZE, "augment": None})
     assert torch.equal(train_processor(ICBM_T1), MriVolumeEvalProcessor(image_size=SIZE)(ICBM_T1))
+
+
+# --------------------------------------------------------------------------- multi-site harmonisation
+# field_of_view_mm, bias_field_sigma_mm and intensity_normalization="head_quantiles" make the same
+# anatomy look the same whatever the scanner's field of view, voxel size, bias field or contrast.
+
+
+def harmonising_processor(**overrides) -> MriVolumeEvalProcessor:
+    options = {"image_size": SIZE, "field_of_view_mm": 192.0, "bias_field_sigma_mm": 30.0,
+               "intensity_normalization": "head_quantiles"}
+    return MriVolumeEvalProcessor(**{**options, **overrides})
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1])
+
+
+def test_field_of_view_keeps_millimetres_per_voxel_whatever_the_scanner_field_of_view(icbm, tmp_path):
+    # Another scanner: 2 mm voxels and a field of view 60 mm wider on every side (zero-filled).
+    data = np.pad(np.asarray(icbm.dataobj)[::2, ::2, ::2], 30)
+    affine = icbm.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] -= affine[:3, :3] @ [30, 30, 30]
+    wide = save(nib.Nifti1Image(data, affine), tmp_path / "wide.nii.gz")
+
+    fixed_mm = harmonising_processor(bias_field_sigma_mm=None, intensity_normalization="percentiles")
+    assert correlation(fixed_mm(ICBM_T1), fixed_mm(wide)) > 0.95
+    # The paper's pad-to-cube-and-scale maps the two fields of view to different scales.
+    pad_and_scale = MriVolumeEvalProcessor(image_size=SIZE)
+    assert correlation(pad_and_scale(ICBM_T1), pad_and_scale(wide)) < 0.8
+
+
+def test_field_of_view_output_is_centred_on_the_head_and_orientation_free(icbm, tmp_path):
+    processor = harmonising_processor()
+    ras = processor(ICBM_T1)
+    lps = save(nib.as_closest_canonical(icbm).as_reoriented(np.array([[0, -1], [1, -1], [2, 1]])), tmp_path / "lps.nii.gz")
+    assert torch.allclose(processor(lps), ras, atol=1e-4)
+    # The head's centre of mass lands in the middle of the cube.
+    centre = [float(i.float().mean()) for i in torch.nonzero(ras[0] > 0, as_tuple=True)]
+    np.testing.assert_allclose(centre, [(SIZE - 1) / 2] * 3, atol=1.0)
+
+    with pytest.raises(ValueError, match="not both"):
+        MriVolumeEvalProcessor(voxel_spacing=1.0, field_of_view_mm=192.0)
+    with pytest.raises(ValueError, match="intensity_normalization"):
+        MriVolumeEvalProcessor(intensity_normalization="zscore")
+
+
+def test_bias_field_correction_removes_a_smooth_coil_inhomogeneity(icbm, tmp_path):
+    data = np.asarray(icbm.dataobj).astype(np.float32)
+    x = np.linspace(-1.0, 1.0, data.shape[0])[:, None, None]
+    z = np.linspace(-1.0, 1.0, data.shape[2])[None, None, :]
+    biased = save(nib.Nifti1Image(data * np.exp(0.35 * x + 0.25 * z ** 2), icbm.affine), tmp_path / "biased.nii.gz")
+
+    corrected = harmonising_processor(intensity_normalization="percentiles")
+    uncorrected = harmonising_processor(bias_field_sigma_mm=None, intensity_normalization="percentiles")
+    clean = corrected(ICBM_T1)
+    head = clean > 0.05
+
+    def relative(volume: torch.Tensor) -> torch.Tensor:  # the field also moves the global percentiles
+        return volume / volume[head].mean()
+
+    error_before = (relative(uncorrected(biased)) - relative(uncorrected(ICBM_T1)))[head].abs().mean()
+    error_after = (relative(corrected(biased)) - relative(clean))[head].abs().mean()
+    assert error_after < 0.6 * error_before  # measured: 0.128 -> 0.065 (a +-40 % field)
+
+
+def test_head_quantiles_remove_scanner_contrast_and_scale(icbm, tmp_path):
+    data = np.asarray(icbm.dataobj).astype(np.float32)
+    other_scanner = save(nib.Nifti1Image(3000.0 * (data / data.max()) ** 1.4, icbm.affine), tmp_path / "gamma.nii.gz")
+
+    quantiles = harmonising_processor(bias_field_sigma_mm=None)
+    percentiles = harmonising_processor(bias_field_sigma_mm=None, intensity_normalization="percentiles")
+    reference, changed = quantiles(ICBM_T1), quantiles(other_scanner)
+    # Not exactly equal: the contrast change happens before resampling, which averages voxels.
+    # Measured: 0.016 with quantiles, 0.061 with percentile scaling.
+    assert (changed - reference).abs().mean() < 0.3 * (percentiles(other_scanner) - percentiles(ICBM_T1)).abs().mean()
+    # Head voxels hold their quantile: uniform on (0, 1], background stays 0.
+    head = reference[reference > 0]
+    assert float(head.max()) == 1.0 and abs(float(head.mean()) - 0.5) < 0.01

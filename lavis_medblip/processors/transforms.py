@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nibabel import orientations
+from scipy import ndimage
 
 from lavis_medblip.processors.readers import ConstantVolumeWarning, Volume, VolumeReadError, VolumeTransformError
 from lavis_medblip.processors.volume_cache import new_tensor
@@ -251,6 +252,139 @@ class CenterPadToCube:
         shift = np.eye(4)
         shift[:3, 3] = -np.asarray(offsets, dtype=np.float64)
         return replace(volume, data=cube, affine=volume.affine @ shift)
+
+
+def head_mask(cube: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
+    """Boolean mask of the head in a ``1 x S x S x S`` volume scaled to [0, 1].
+
+    Voxels above ``threshold`` of the 99th intensity percentile, closed, hole-filled, and reduced
+    to the largest connected component (drops background noise specks and stray bright voxels).
+    """
+    data = cube[0].float().numpy()
+    level = threshold * float(np.percentile(data[:: 2, :: 2, :: 2], 99.0))
+    mask = ndimage.binary_closing(data > level, iterations=2)
+    labels, count = ndimage.label(mask)
+    if count > 1:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        mask = labels == int(sizes.argmax())
+    mask = ndimage.binary_fill_holes(mask)
+    return torch.from_numpy(mask)[None]
+
+
+class ResampleToFieldOfView:
+    """Resample onto a ``size``^3 grid that spans ``field_of_view_mm`` per side, centred on the head.
+
+    The output spacing is ``field_of_view_mm / size`` mm for every scanner, so a structure has the
+    same size in voxels whatever the site's field of view or voxel size (the paper's "pad to a cube
+    and scale" makes sizes depend on the field of view). The centre is the head mask's centre of
+    mass, which removes differences in where the scanner centred the field of view. Input voxels
+    smaller than half the output spacing are box-averaged first (anti-aliasing); sampling is
+    trilinear with zero fill. Expects RAS-ordered float data (after :class:`ScaleIntensityPercentiles`).
+    """
+
+    def __init__(self, size: int, field_of_view_mm: float) -> None:
+        if float(field_of_view_mm) <= 0:
+            raise ValueError(f"field_of_view_mm must be positive, got {field_of_view_mm}")
+        self.size = int(size)
+        self.field_of_view_mm = float(field_of_view_mm)
+
+    @property
+    def spacing(self) -> float:
+        return self.field_of_view_mm / self.size
+
+    def __call__(self, volume: Volume) -> Volume:
+        data = torch.as_tensor(volume.data, dtype=torch.float32)
+        mask = head_mask(data[None])[0]
+        if not mask.any():
+            raise VolumeReadError(volume.source, "no head found (nothing above 15% of the 99th intensity percentile)")
+        centre_index = np.array([float(i.float().mean()) for i in torch.nonzero(mask, as_tuple=True)])
+        centre_mm = volume.affine[:3, :3] @ centre_index + volume.affine[:3, 3]
+
+        # Anti-alias: average blocks of whole input voxels that fit in half an output voxel or more.
+        kernel = [int(self.spacing // s) if self.spacing >= 2 * s else 1 for s in volume.spacing]
+        source, affine = data[None, None], volume.affine
+        if max(kernel) > 1:
+            source = F.avg_pool3d(source, kernel, stride=kernel, ceil_mode=True, count_include_pad=False)
+            block = np.diag([*kernel, 1.0]).astype(np.float64)
+            block[:3, 3] = (np.asarray(kernel) - 1) / 2.0
+            affine = affine @ block
+
+        # Output voxel (i, j, k) sits at centre + (index - (S - 1) / 2) * spacing (RAS mm).
+        offsets = (torch.arange(self.size, dtype=torch.float64) - (self.size - 1) / 2.0) * self.spacing
+        grid_mm = torch.stack(torch.meshgrid(offsets, offsets, offsets, indexing="ij"), dim=-1) + torch.from_numpy(centre_mm)
+        to_index = torch.from_numpy(np.linalg.inv(affine))
+        index = grid_mm @ to_index[:3, :3].T + to_index[:3, 3]
+        extent = torch.tensor(source.shape[2:], dtype=torch.float64)
+        normalized = 2.0 * index / (extent - 1).clamp(min=1) - 1.0  # align_corners=True convention
+        grid = normalized.flip(-1).float()[None]  # grid_sample wants (x, y, z) = (last, middle, first) axis
+        cube = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+
+        out_affine = np.diag([self.spacing, self.spacing, self.spacing, 1.0])
+        out_affine[:3, 3] = centre_mm - (self.size - 1) / 2.0 * self.spacing
+        return replace(volume, data=cube.contiguous(), affine=out_affine)
+
+
+def _gaussian_smooth(cube: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
+    """Separable Gaussian blur of a ``1 x S x S x S`` tensor (zero padding)."""
+    radius = max(1, int(math.ceil(3.0 * sigma_voxels)))
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (taps / sigma_voxels) ** 2)
+    kernel = kernel / kernel.sum()
+    out = cube[None]
+    for axis in range(3):
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = kernel.numel()
+        padding = [0, 0, 0]
+        padding[axis] = radius
+        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
+    return out[0]
+
+
+class CorrectBiasField:
+    """Divide out a smooth multiplicative bias field (coil inhomogeneity), estimated in the head.
+
+    Homomorphic filtering: the bias is ``exp`` of the head's log intensity smoothed with a
+    Gaussian of ``sigma_mm`` (normalised convolution, so the background does not leak in). Tissue
+    contrast lives at scales of a few mm and survives; a field that varies over ~10 cm does not.
+    A light-weight stand-in for N4 on the model's input grid; works on a ``1 x S x S x S`` cube
+    whose affine gives the spacing, keeps the head's mean intensity, clamps to [0, 1].
+    """
+
+    def __init__(self, sigma_mm: float = 30.0) -> None:
+        if float(sigma_mm) <= 0:
+            raise ValueError(f"bias_field_sigma_mm must be positive, got {sigma_mm}")
+        self.sigma_mm = float(sigma_mm)
+
+    def __call__(self, volume: Volume) -> Volume:
+        cube = volume.data.float()
+        mask = head_mask(cube).float()
+        floor = 1e-3 * float(cube.max().clamp(min=1e-6))
+        log_intensity = cube.clamp(min=floor).log()
+        sigma_voxels = self.sigma_mm / float(np.mean(volume.spacing))
+        weight = _gaussian_smooth(mask, sigma_voxels)
+        log_bias = _gaussian_smooth(log_intensity * mask, sigma_voxels) / weight.clamp(min=1e-3)
+        log_bias = log_bias - (log_bias * mask).sum() / mask.sum().clamp(min=1)
+        corrected = (cube * torch.exp(-log_bias)).clamp_(0.0, 1.0)
+        return replace(volume, data=corrected)
+
+
+class HeadQuantileNormalize:
+    """Replace each head voxel by its intensity quantile within the head, in (0, 1]; background 0.
+
+    Removes every monotone intensity difference between scanners (scale, gamma-like contrast),
+    while the spatial pattern of tissue (e.g. how much dark CSF fills the ventricles) remains.
+    """
+
+    def __call__(self, volume: Volume) -> Volume:
+        cube = volume.data.float()
+        mask = head_mask(cube)
+        values = cube[mask]
+        ranks = torch.empty_like(values)
+        ranks[values.argsort()] = torch.arange(1, values.numel() + 1, dtype=values.dtype) / values.numel()
+        out = torch.zeros_like(cube)
+        out[mask] = ranks
+        return replace(volume, data=out)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,8 +4,16 @@ Design follows MONAI: one reader per file format behind a common interface (``re
 and small transform classes with ``__call__`` (``transforms.py``) that a processor composes::
 
     read (NIfTI / MGH / M3D .npy / DICOM series) -> EnsureVolume3D -> ReplaceNonFinite
-      -> ToCanonicalRAS -> ScaleIntensityPercentiles -> ResizeLongestSide + CenterPadToCube
+      -> ToCanonicalRAS -> ScaleIntensityPercentiles
+      -> ResizeLongestSide + CenterPadToCube     (default: the paper's "pad to a cube and scale")
+         or ResampleToFieldOfView                (field_of_view_mm: same mm per voxel at every site)
+      [-> CorrectBiasField]                      (bias_field_sigma_mm)
+      [-> HeadQuantileNormalize]                 (intensity_normalization: head_quantiles)
       [-> cache] [-> train-time augmentation] -> output dtype
+
+The defaults follow the paper (its ADNI scans were already bias-corrected and registered). The
+optional steps are for raw multi-site scans: they make a structure's size in voxels and its
+intensity comparable across scanners (the CPU demo's held-out site needs all three).
 
 Every processor returns a ``1 x S x S x S`` tensor in [0, 1] whose axes are (R, A, S) voxel
 order. Anything that cannot become such a tensor raises :class:`VolumeReadError` naming the
@@ -32,8 +40,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lavis_medblip.processors.readers import DEFAULT_READERS, Volume, VolumeReader, VolumeReadError, load_volume
 from lavis_medblip.processors.transforms import (
-    Compose, EnsureVolume3D, ReplaceNonFinite, ResizeLongestSide, ScaleIntensityPercentiles,
-    ToCanonicalRAS, build_augmentation,
+    Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ReplaceNonFinite, ResampleToFieldOfView,
+    ResizeLongestSide, ScaleIntensityPercentiles, ToCanonicalRAS, build_augmentation,
 )
 from lavis_medblip.processors.volume_cache import CACHE_STORAGE_DTYPES, VolumeCache, decode
 
@@ -45,6 +53,7 @@ VolumeInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 PIPELINE_VERSION = 1
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+INTENSITY_NORMALIZATIONS = ("percentiles", "head_quantiles")
 
 
 # --------------------------------------------------------------------------------------------
@@ -78,6 +87,13 @@ class MriVolumeProcessor(BaseProcessor):
     numpy array or a tensor (3D, or 1 x D x H x W; voxel order taken as RAS) and returns a
     ``1 x S x S x S`` tensor of ``dtype`` in [0, 1].
 
+    Geometry: by default the longest side is resized to ``image_size`` (``voxel_spacing`` sets the
+    physical aspect ratio) and centred in a zero cube. ``field_of_view_mm`` instead samples a
+    ``field_of_view_mm`` cube around the head at ``field_of_view_mm / image_size`` mm per voxel.
+    Intensity: clipped to ``clip_percentiles`` and scaled to [0, 1]; ``bias_field_sigma_mm``
+    then divides out a smooth bias field, and ``intensity_normalization="head_quantiles"`` maps
+    head voxels to their intensity quantile (see ``transforms.py``).
+
     ``cache_dir`` turns on the preprocessed-volume cache; ``cache_dtype`` (float16, uint8 or
     float32) is how entries are stored. When it equals ``dtype`` the output maps the entry with no
     decode pass; float32 entries take twice float16's disk and page cache.
@@ -88,6 +104,9 @@ class MriVolumeProcessor(BaseProcessor):
         image_size: int = 224,
         clip_percentiles: Sequence[float] = (0.5, 99.5),
         voxel_spacing: Optional[Union[float, Sequence[float]]] = None,
+        field_of_view_mm: Optional[float] = None,
+        bias_field_sigma_mm: Optional[float] = None,
+        intensity_normalization: str = "percentiles",
         dtype: str = "float32",
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         cache_dtype: str = "float16",
@@ -100,22 +119,32 @@ class MriVolumeProcessor(BaseProcessor):
             raise ValueError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
         if cache_dtype not in CACHE_STORAGE_DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(CACHE_STORAGE_DTYPES)}, got {cache_dtype!r}")
+        if intensity_normalization not in INTENSITY_NORMALIZATIONS:
+            raise ValueError(
+                f"intensity_normalization must be one of {list(INTENSITY_NORMALIZATIONS)}, got {intensity_normalization!r}"
+            )
+        if field_of_view_mm is not None and voxel_spacing is not None:
+            raise ValueError("set voxel_spacing (resize the longest side) or field_of_view_mm (fixed mm cube), not both")
         lower, upper = (float(v) for v in _plain(clip_percentiles))
         self.image_size = int(image_size)
         self.clip_percentiles = (lower, upper)
         self.voxel_spacing = _spacing_tuple(voxel_spacing)
+        self.field_of_view_mm = None if field_of_view_mm is None else float(field_of_view_mm)
+        self.bias_field_sigma_mm = None if bias_field_sigma_mm is None else float(bias_field_sigma_mm)
+        self.intensity_normalization = str(intensity_normalization)
         self.dtype = OUTPUT_DTYPES[str(dtype)]
         self.readers = tuple(readers)
-        self.transform = Compose(
-            [
-                EnsureVolume3D(),
-                ReplaceNonFinite(),
-                ToCanonicalRAS(),
-                ScaleIntensityPercentiles(lower, upper),
-                # Fused with the centre padding of CenterPadToCube (one fewer 1 x S^3 copy).
-                ResizeLongestSide(self.image_size, self.voxel_spacing, pad_to_cube=True),
-            ]
-        )
+        steps = [EnsureVolume3D(), ReplaceNonFinite(), ToCanonicalRAS(), ScaleIntensityPercentiles(lower, upper)]
+        if self.field_of_view_mm is None:
+            # Fused with the centre padding of CenterPadToCube (one fewer 1 x S^3 copy).
+            steps.append(ResizeLongestSide(self.image_size, self.voxel_spacing, pad_to_cube=True))
+        else:
+            steps.append(ResampleToFieldOfView(self.image_size, self.field_of_view_mm))
+        if self.bias_field_sigma_mm is not None:
+            steps.append(CorrectBiasField(self.bias_field_sigma_mm))
+        if self.intensity_normalization == "head_quantiles":
+            steps.append(HeadQuantileNormalize())
+        self.transform = Compose(steps)
         self.cache = None
         if cache_dir is not None:
             self.cache = VolumeCache(cache_dir, self.cache_settings(), storage_dtype=cache_dtype)
@@ -127,6 +156,9 @@ class MriVolumeProcessor(BaseProcessor):
             "image_size": self.image_size,
             "clip_percentiles": list(self.clip_percentiles),
             "voxel_spacing": None if self.voxel_spacing is None else list(self.voxel_spacing),
+            "field_of_view_mm": self.field_of_view_mm,
+            "bias_field_sigma_mm": self.bias_field_sigma_mm,
+            "intensity_normalization": self.intensity_normalization,
         }
 
     def read(self, item: VolumeInput) -> Volume:
@@ -168,6 +200,9 @@ class MriVolumeProcessor(BaseProcessor):
             "image_size": cfg.get("image_size", 224),
             "clip_percentiles": cfg.get("clip_percentiles", [0.5, 99.5]),
             "voxel_spacing": cfg.get("voxel_spacing", None),
+            "field_of_view_mm": cfg.get("field_of_view_mm", None),
+            "bias_field_sigma_mm": cfg.get("bias_field_sigma_mm", None),
+            "intensity_normalization": cfg.get("intensity_normalization", "percentiles"),
             "dtype": cfg.get("dtype", "float32"),
             "cache_dir": cfg.get("cache_dir", None),
             "cache_dtype": cfg.get("cache_dtype", "float16"),
@@ -180,7 +215,8 @@ class MriVolumeProcessor(BaseProcessor):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(image_size={self.image_size}, clip_percentiles={list(self.clip_percentiles)}, "
-            f"voxel_spacing={self.voxel_spacing}, dtype={self.dtype}, cache_dir="
+            f"voxel_spacing={self.voxel_spacing}, field_of_view_mm={self.field_of_view_mm}, "
+            f"bias_field_sigma_mm={self.bias_field_sigma_mm}, intensity_normalization={self.intensity_normalization!r}, dtype={self.dtype}, cache_dir="
             f"{None if self.cache is None else str(self.cache.cache_dir)})"
         )
 
