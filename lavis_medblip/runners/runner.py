@@ -10,17 +10,21 @@ differs, and why:
   rename), and ``checkpoint_latest.pth`` / ``checkpoint_best.pth`` are kept; resume restores
   model, optimizer, scaler, epoch, best metric and RNG states;
 - ``output_dir`` is absolute or relative to the working directory, never inside site-packages;
-- barriers are guarded, so one process without a process group works.
+- barriers are guarded, so one process without a process group works;
+- ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
+  start random learn faster than pretrained ones); LAVIS's schedulers set one lr for every
+  parameter group, so the multipliers are applied after each scheduler step.
 """
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import logging
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -77,6 +81,51 @@ class EpochLoader:
         return len(self.loader)
 
 
+def lr_scale_for(name: str, lr_scales: Mapping[str, float]) -> float:
+    """The multiplier of the first pattern (``fnmatch``) in ``lr_scales`` that matches ``name``, else 1."""
+    for pattern, scale in lr_scales.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return float(scale)
+    return 1.0
+
+
+def scaled_param_groups(model: torch.nn.Module, weight_decay: float, lr_scales: Optional[Mapping[str, float]]) -> list[dict]:
+    """AdamW groups as LAVIS makes them (no decay on biases, norms and 1-D tensors), split by lr scale.
+
+    Each group carries ``lr_scale``; :class:`ScaledLRScheduler` multiplies the scheduled lr by it.
+    """
+    lr_scales = dict(lr_scales or {})
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        no_decay = parameter.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+        groups.setdefault((lr_scale_for(name, lr_scales), no_decay), []).append(parameter)
+    unused = [p for p in lr_scales if not any(
+        fnmatch.fnmatchcase(n, p) for n, q in model.named_parameters() if q.requires_grad)]
+    if unused:
+        raise ValueError(f"run.lr_scales patterns match no trainable parameter: {unused}")
+    return [
+        {"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
+        for (scale, no_decay), params in sorted(groups.items(), key=lambda item: item[0])
+    ]
+
+
+class ScaledLRScheduler:
+    """Wraps a LAVIS scheduler: after it sets the lr of every group, multiply by each group's ``lr_scale``."""
+
+    def __init__(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.scheduler, self.optimizer = scheduler, optimizer
+
+    def step(self, cur_epoch: int, cur_step: int) -> None:
+        self.scheduler.step(cur_epoch=cur_epoch, cur_step=cur_step)
+        for group in self.optimizer.param_groups:
+            group["lr"] *= group.get("lr_scale", 1.0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.scheduler, name)
+
+
 @registry.register_runner("medblip_runner")
 class MedBLIPRunner(RunnerBase):
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str):
@@ -97,6 +146,30 @@ class MedBLIPRunner(RunnerBase):
             else:
                 self._wrapped_model = self._model
         return self._wrapped_model
+
+    # ---- optimisation -------------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            run_cfg = self.config.run_cfg
+            lr_scales = run_cfg.get("lr_scales", None)
+            model = self.unwrap_dist_model(self.model)  # names without DDP's "module." prefix
+            groups = scaled_param_groups(model, float(run_cfg.weight_decay), lr_scales)
+            logger.info("number of trainable parameters: %d", sum(p.numel() for g in groups for p in g["params"]))
+            for group in groups:
+                if group["lr_scale"] != 1.0:
+                    logger.info("lr x %g for %d tensors", group["lr_scale"], len(group["params"]))
+            self._optimizer = torch.optim.AdamW(
+                groups, lr=float(run_cfg.init_lr), weight_decay=float(run_cfg.weight_decay),
+                betas=(0.9, run_cfg.get("beta2", 0.999)),
+            )
+        return self._optimizer
+
+    @property
+    def lr_scheduler(self) -> ScaledLRScheduler:
+        if self._lr_sched is None:
+            self._lr_sched = ScaledLRScheduler(super().lr_scheduler, self.optimizer)
+        return self._lr_sched
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
         loaders = []
