@@ -374,6 +374,7 @@ class HeadQuantileNormalize:
 
     Removes every monotone intensity difference between scanners (scale, gamma-like contrast),
     while the spatial pattern of tissue (e.g. how much dark CSF fills the ventricles) remains.
+    Equal intensities are ranked in voxel order (a stable sort), so the output is deterministic.
     """
 
     def __call__(self, volume: Volume) -> Volume:
@@ -381,7 +382,7 @@ class HeadQuantileNormalize:
         mask = head_mask(cube)
         values = cube[mask]
         ranks = torch.empty_like(values)
-        ranks[values.argsort()] = torch.arange(1, values.numel() + 1, dtype=values.dtype) / values.numel()
+        ranks[values.argsort(stable=True)] = torch.arange(1, values.numel() + 1, dtype=values.dtype) / values.numel()
         out = torch.zeros_like(cube)
         out[mask] = ranks
         return replace(volume, data=out)
