@@ -18,8 +18,11 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
+
+from lavis_medblip.data.schema import read_annotations, write_annotations
 
 DEMO_ROOT = Path(".cache/demo")
 COHORT_DIR = DEMO_ROOT / "cohort"
@@ -47,11 +50,11 @@ def write_shuffled_test(seed: int) -> Path:
     The image-evidence control: a model whose gain over text only comes from the images gets worse
     on it; a gain that survives it comes from something else (e.g. any non-blank visual prefix).
     """
-    records = [json.loads(line) for line in (COHORT_DIR / "test.jsonl").read_text().splitlines() if line.strip()]
-    images = [record["image"] for record in records]
+    records = list(read_annotations(COHORT_DIR / "test.jsonl"))
+    images = [record.image for record in records]
     random.Random(seed).shuffle(images)
     path = COHORT_DIR / "test_images_shuffled.jsonl"
-    path.write_text("".join(json.dumps({**record, "image": image}) + "\n" for record, image in zip(records, images)))
+    write_annotations(path, (replace(record, image=image) for record, image in zip(records, images)))
     return path
 
 
@@ -95,16 +98,14 @@ def print_table(results: dict[str, dict]) -> None:
 
 def write_report(results: dict[str, dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
+    from omegaconf import OmegaConf
 
     from lavis.common.registry import registry
 
-    from lavis_medblip.data.schema import read_annotations
     from lavis_medblip.visualize import draw_confusion_matrix, draw_loss_curves, draw_probabilities, draw_slices
 
     records = {record.subject_id: record for record in read_annotations(COHORT_DIR / "test.jsonl")}
     # demo_eval.yaml's preprocessing, at twice the size for the pictures
-    from omegaconf import OmegaConf
-
     processor_cfg = OmegaConf.load(PROJECT_DIR / "demo_eval.yaml").datasets.brain_mri.vis_processor.eval
     processor_cfg.image_size, processor_cfg.cache_dir = 96, None
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)

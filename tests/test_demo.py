@@ -9,8 +9,8 @@ from lavis_medblip import demo
 def test_shuffled_test_set_keeps_text_and_labels_and_permutes_images(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     demo.COHORT_DIR.mkdir(parents=True)
-    records = [{"subject_id": f"s{i}", "image": f"images/s{i}.nii.gz", "text": f"MMSE {20 + i}.", "label": "NC"}
-               for i in range(8)]
+    records = [{"subject_id": f"s{i}", "image": f"images/s{i}.nii.gz", "text": f"MMSE {20 + i}.", "label": "NC",
+                "split": "test"} for i in range(8)]
     (demo.COHORT_DIR / "test.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
 
     path = demo.write_shuffled_test(seed=0)

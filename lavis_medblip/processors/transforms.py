@@ -325,22 +325,6 @@ class ResampleToFieldOfView:
         return replace(volume, data=cube.contiguous(), affine=out_affine)
 
 
-def _gaussian_smooth(cube: torch.Tensor, sigma_voxels: float) -> torch.Tensor:
-    """Separable Gaussian blur of a ``1 x S x S x S`` tensor (zero padding)."""
-    radius = max(1, int(math.ceil(3.0 * sigma_voxels)))
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    kernel = torch.exp(-0.5 * (taps / sigma_voxels) ** 2)
-    kernel = kernel / kernel.sum()
-    out = cube[None]
-    for axis in range(3):
-        shape = [1, 1, 1, 1, 1]
-        shape[2 + axis] = kernel.numel()
-        padding = [0, 0, 0]
-        padding[axis] = radius
-        out = F.conv3d(out, kernel.view(shape), padding=tuple(padding))
-    return out[0]
-
-
 class CorrectBiasField:
     """Divide out a smooth multiplicative bias field (coil inhomogeneity), estimated in the head.
 
@@ -358,14 +342,17 @@ class CorrectBiasField:
 
     def __call__(self, volume: Volume) -> Volume:
         cube = volume.data.float()
-        mask = head_mask(cube).float()
-        floor = 1e-3 * float(cube.max().clamp(min=1e-6))
-        log_intensity = cube.clamp(min=floor).log()
+        mask = head_mask(cube)[0].numpy().astype(np.float32)
+        intensity = cube[0].numpy()
+        log_intensity = np.log(np.maximum(intensity, 1e-3 * max(float(intensity.max()), 1e-6)))
         sigma_voxels = self.sigma_mm / float(np.mean(volume.spacing))
-        weight = _gaussian_smooth(mask, sigma_voxels)
-        log_bias = _gaussian_smooth(log_intensity * mask, sigma_voxels) / weight.clamp(min=1e-3)
-        log_bias = log_bias - (log_bias * mask).sum() / mask.sum().clamp(min=1)
-        corrected = (cube * torch.exp(-log_bias)).clamp_(0.0, 1.0)
+
+        def smooth(array: np.ndarray) -> np.ndarray:  # zero padding, so the background adds nothing
+            return ndimage.gaussian_filter(array, sigma_voxels, mode="constant", truncate=3.0)
+
+        log_bias = smooth(log_intensity * mask) / np.maximum(smooth(mask), 1e-3)
+        log_bias -= (log_bias * mask).sum() / max(float(mask.sum()), 1.0)
+        corrected = torch.from_numpy(intensity * np.exp(-log_bias)).clamp_(0.0, 1.0)[None]
         return replace(volume, data=corrected)
 
 

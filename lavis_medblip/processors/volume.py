@@ -216,7 +216,8 @@ class MriVolumeProcessor(BaseProcessor):
         return (
             f"{type(self).__name__}(image_size={self.image_size}, clip_percentiles={list(self.clip_percentiles)}, "
             f"voxel_spacing={self.voxel_spacing}, field_of_view_mm={self.field_of_view_mm}, "
-            f"bias_field_sigma_mm={self.bias_field_sigma_mm}, intensity_normalization={self.intensity_normalization!r}, dtype={self.dtype}, cache_dir="
+            f"bias_field_sigma_mm={self.bias_field_sigma_mm}, intensity_normalization={self.intensity_normalization!r}, "
+            f"dtype={self.dtype}, cache_dir="
             f"{None if self.cache is None else str(self.cache.cache_dir)})"
         )
 

@@ -95,16 +95,14 @@ def scaled_param_groups(model: torch.nn.Module, weight_decay: float, lr_scales: 
     Each group carries ``lr_scale``; :class:`ScaledLRScheduler` multiplies the scheduled lr by it.
     """
     lr_scales = dict(lr_scales or {})
-    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        no_decay = parameter.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
-        groups.setdefault((lr_scale_for(name, lr_scales), no_decay), []).append(parameter)
-    unused = [p for p in lr_scales if not any(
-        fnmatch.fnmatchcase(n, p) for n, q in model.named_parameters() if q.requires_grad)]
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    unused = [pattern for pattern in lr_scales if not any(fnmatch.fnmatchcase(name, pattern) for name, _ in trainable)]
     if unused:
         raise ValueError(f"run.lr_scales patterns match no trainable parameter: {unused}")
+    groups: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in trainable:
+        no_decay = parameter.ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+        groups.setdefault((lr_scale_for(name, lr_scales), no_decay), []).append(parameter)
     return [
         {"params": params, "weight_decay": 0.0 if no_decay else weight_decay, "lr_scale": scale}
         for (scale, no_decay), params in sorted(groups.items(), key=lambda item: item[0])
