@@ -69,6 +69,18 @@ def test_lambda_lm_weights_the_language_loss(tiny_config, samples):
     torch.testing.assert_close(output.loss, output.loss_itc_text + output.loss_itc_qa + 0.5 * output.loss_lm)
 
 
+def test_lambda_lm_zero_is_an_lm_free_stage_that_trains_the_qformer(tiny_config, samples):
+    tiny_config.lambda_lm = 0.0
+    model = MedBLIP.from_config(tiny_config)
+    model.language_model.model.forward = None  # any LM call would fail: the stage must not run the LM
+    output = model(samples)
+    assert output.loss_lm == 0
+    torch.testing.assert_close(output.loss, output.loss_itc_text + output.loss_itc_qa)
+    output.loss.backward()
+    assert model.query_tokens.grad.abs().sum() > 0 and model.vision_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for name, p in model.named_parameters() if "lora_" in name)
+
+
 def test_lora_adds_rank_times_in_plus_out_per_target(tiny_config):
     model = MedBLIP.from_config(tiny_config)  # tiny GPT-2: LoRA r=4 on the fused c_attn (64 → 192), 2 layers
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)

@@ -48,7 +48,7 @@ BLIP2_QFORMER_PREFIXES = ("Qformer.", "query_tokens", "vision_proj.", "text_proj
 
 @dataclass
 class MedBLIPOutput(ModelOutput):
-    """``loss = loss_itc_text + loss_itc_qa + lambda_lm * loss_lm`` (paper eq. 4–5)."""
+    """``loss = loss_itc_text + loss_itc_qa + lambda_lm * loss_lm`` (paper eq. 4–5); ``lambda_lm = 0`` skips the LM."""
 
     loss: torch.Tensor | None = None
     loss_itc_text: torch.Tensor | None = None
@@ -337,11 +337,14 @@ class MedBLIP(Blip2Base):
         qa_texts = [f"{question} {answer}" for question, answer in zip(questions, answers)]
         loss_itc_qa = self.itc_loss(image_feats, self.encode_text(qa_texts))
 
-        batch = self.language_model.build_batch(
-            prefix, self._prompt_ids(ehr_texts, questions), self.prompt_order, self._answer_ids(answers)
-        )
-        with self.maybe_autocast():
-            loss_lm = self.language_model.loss(batch)
+        if self.lambda_lm == 0:  # an LM-free Q-Former stage (as BLIP-2's first): skip the costly LM forward
+            loss_lm = prefix.new_zeros(())
+        else:
+            batch = self.language_model.build_batch(
+                prefix, self._prompt_ids(ehr_texts, questions), self.prompt_order, self._answer_ids(answers)
+            )
+            with self.maybe_autocast():
+                loss_lm = self.language_model.loss(batch)
         loss = loss_itc_text + loss_itc_qa + self.lambda_lm * loss_lm
         return MedBLIPOutput(loss=loss, loss_itc_text=loss_itc_text, loss_itc_qa=loss_itc_qa, loss_lm=loss_lm)
 
