@@ -34,11 +34,12 @@ CUBE = slice(18, 30)  # the central 12³ voxels of a 48³ volume
 STAGES = ("ViT tokens (all)", "ViT tokens (mean)", "query outputs", "visual prefix")
 
 
-def load_split(split: str, processor, plant_cube: float) -> tuple[torch.Tensor, torch.Tensor]:
+def load_split(split: str, processor, plant_cube: float,
+               cohort_dir: Path = COHORT_DIR) -> tuple[torch.Tensor, torch.Tensor]:
     from lavis_medblip.data.schema import CLASS_NAMES, read_annotations
 
-    records = list(read_annotations(COHORT_DIR / f"{split}.jsonl"))
-    volumes = torch.stack([processor(str(COHORT_DIR / record.image)) for record in records])
+    records = list(read_annotations(cohort_dir / f"{split}.jsonl"))
+    volumes = torch.stack([processor(str(cohort_dir / record.image)) for record in records])
     labels = torch.tensor([CLASS_NAMES.index(record.label) for record in records])
     if plant_cube:
         volumes[:, :, CUBE, CUBE, CUBE] += plant_cube / 2 * labels.view(-1, 1, 1, 1, 1).float()
