@@ -6,16 +6,17 @@ diagnosis, neither can ITC or the LM loss, which reach the image path through th
 
 * ``--features vit_mean``: the mean of the ViT tokens (what uniform cross-attention hands on);
   ``queries``: the mean of the Q-Former's query outputs (through the cross-attention).
-* ``--standardize``: voxelwise z-scores against the training subjects' mean and std volume
-  (every simulated subject is a warp of one template, so raw volumes differ from each other
-  by a small fraction of their size).
+* ``--inputs demo``: demo_eval.yaml's preprocessing (registered to the ICBM template, brain only,
+  deviation from the template / 0.05); ``head_quantiles``: the same without the registration and
+  the deviation (the demo's inputs before 2026-12-02). Every simulated subject is a warp of one
+  template, so head-quantile volumes differ from each other by a small fraction of their size.
 * ``--set key=value``: demo model overrides, e.g. ``patch_size=16 patch_stride=16``.
 
 It prints, every ``--eval-every`` steps, the training loss (chance ln 3 = 1.099), balanced
 accuracy on the validation subjects (training sites, unseen subjects) and on the held-out site,
 and how many held-out subjects are predicted as each class. Chance is 0.333.
 
-    python benchmarks/image_path_learnability.py [--cohort .cache/demo/cohort] [--standardize]
+    python benchmarks/image_path_learnability.py [--cohort .cache/demo/cohort] [--inputs demo|head_quantiles]
         [--features vit_mean|queries] [--steps 600] [--set patch_size=16 patch_stride=16]
 
 Needs a simulated cohort (``make demo`` writes one to .cache/demo/cohort).
@@ -45,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cohort", type=Path, default=Path(".cache/demo/cohort"))
     parser.add_argument("--features", choices=("vit_mean", "queries"), default="vit_mean")
-    parser.add_argument("--standardize", action="store_true")
+    parser.add_argument("--inputs", choices=("demo", "head_quantiles"), default="demo")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -63,11 +64,10 @@ def main() -> None:
     if not (args.cohort / "test.jsonl").exists():
         raise SystemExit(f"no simulated cohort at {args.cohort}: run `make demo` first")
     processor_cfg = OmegaConf.load(PROJECT_DIR / "demo_eval.yaml").datasets.brain_mri.vis_processor.eval
+    if args.inputs == "head_quantiles":
+        processor_cfg.register_to_template, processor_cfg.template_deviation_scale = False, None
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
     splits = {split: load_split(split, processor, 0.0, cohort_dir=args.cohort) for split in ("train", "val", "test")}
-    if args.standardize:
-        mean, std = splits["train"][0].mean(0), splits["train"][0].std(0)
-        splits = {name: ((volumes - mean) / (std + 0.05), labels) for name, (volumes, labels) in splits.items()}
 
     model_class = registry.get_model_class("medblip")
     model_cfg = OmegaConf.load(model_class.default_config_path("demo")).model
@@ -100,7 +100,7 @@ def main() -> None:
     order: list[int] = []
     rng, start, losses = random.Random(0), time.perf_counter(), []
     print(f"{len(labels)} training, {len(splits['val'][1])} validation, {len(splits['test'][1])} held-out "
-          f"subjects; features {args.features}, standardize {args.standardize}, overrides {args.set}")
+          f"subjects; features {args.features}, inputs {args.inputs}, overrides {args.set}")
     print(f"{'step':>6}{'train loss':>12}{'val bal acc':>13}{'held-out bal acc':>18}  held-out predictions")
     model.train()
     for step in range(1, args.steps + 1):

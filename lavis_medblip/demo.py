@@ -1,7 +1,9 @@
 """The CPU demo (``make demo``): MedBLIP learns NC / MCI / AD from a simulated cohort in minutes.
 
-1. simulate an atrophy cohort from the real ICBM-2009c brain (cached), with a held-out scanner site;
-2. pretrain a small MedBLIP through ``python -m lavis_medblip.train`` (projects/medblip/demo_pretrain.yaml);
+1. simulate an atrophy cohort from the real ICBM-2009c brain (cached), with a held-out scanner site
+   (the atrophy exaggerated ``--atrophy-scale`` times, 2.5 by default: see README, limitations);
+2. pretrain a small MedBLIP through ``python -m lavis_medblip.train`` (projects/medblip/demo_pretrain.yaml)
+   in two stages, as BLIP-2: an LM-free Q-Former stage (ITC only), then the full loss from its checkpoint;
 3. train the same model the same way with the image blanked (``mri_volume_blank``): the text-only baseline;
 4. evaluate both zero-shot on the held-out site (projects/medblip/demo_eval.yaml), and the image + text
    model once more with the images shuffled across subjects (does its gain come from the images?);
@@ -30,6 +32,8 @@ RUNS_DIR = DEMO_ROOT / "runs"
 PROJECT_DIR = Path("projects/medblip")
 BLANK_IMAGE = [f"datasets.brain_mri.vis_processor.{split}.name=mri_volume_blank" for split in ("train", "eval")]
 VARIANTS = {"image_text": [], "text_only": BLANK_IMAGE}
+#: Stage 1 on top of demo_pretrain.yaml: no LM forward, only the two ITC losses (cheap steps, many of them).
+LM_FREE_STAGE = ["model.lambda_lm=0", "run.max_epoch=8"]
 
 
 def run(module: str, cfg_path: Path, options: list[str]) -> None:
@@ -70,10 +74,15 @@ def evaluate(checkpoint: Path, options: list[str], name: str, test_file: Path | 
 
 
 def train_and_evaluate(variant: str, options: list[str], max_epoch: int | None, shuffled_test: Path) -> dict:
-    train_dir = RUNS_DIR / variant
-    shutil.rmtree(train_dir, ignore_errors=True)
+    stage1_dir, train_dir = RUNS_DIR / f"{variant}_stage1", RUNS_DIR / variant
+    for folder in (stage1_dir, train_dir):
+        shutil.rmtree(folder, ignore_errors=True)
+    run("lavis_medblip.train", PROJECT_DIR / "demo_pretrain.yaml",
+        [f"run.output_dir={stage1_dir}", *LM_FREE_STAGE, *options])
+    stage1 = job_dir(stage1_dir) / "checkpoint_latest.pth"
     epochs = [f"run.max_epoch={max_epoch}"] if max_epoch else []
-    run("lavis_medblip.train", PROJECT_DIR / "demo_pretrain.yaml", [f"run.output_dir={train_dir}", *epochs, *options])
+    run("lavis_medblip.train", PROJECT_DIR / "demo_pretrain.yaml",
+        [f"run.output_dir={train_dir}", "model.load_finetuned=true", f"model.finetuned={stage1}", *epochs, *options])
     checkpoint = job_dir(train_dir) / "checkpoint_latest.pth"
     result = evaluate(checkpoint, options, f"{variant}_eval")
     if variant == "image_text":
@@ -107,7 +116,7 @@ def write_report(results: dict[str, dict], path: Path) -> Path:
     records = {record.subject_id: record for record in read_annotations(COHORT_DIR / "test.jsonl")}
     # demo_eval.yaml's preprocessing, at twice the size for the pictures
     processor_cfg = OmegaConf.load(PROJECT_DIR / "demo_eval.yaml").datasets.brain_mri.vis_processor.eval
-    processor_cfg.image_size, processor_cfg.cache_dir = 96, None
+    processor_cfg.image_size, processor_cfg.cache_dir, processor_cfg.template_deviation_scale = 96, None, None
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
     class_names = results["image_text"]["metrics"]["confusion_matrix"]["labels"]
 
@@ -136,13 +145,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--atrophy-scale", type=float, default=2.5, help="exaggerates the simulated atrophy")
     parser.add_argument("--max-epoch", type=int, default=None, help="override demo_pretrain.yaml's run.max_epoch")
     args = parser.parse_args(argv)
     start = time.time()
 
     from dataset_builders.simulate_cohort import simulate_cohort
 
-    simulate_cohort(COHORT_DIR, subjects_per_class=args.subjects_per_class, seed=args.seed, workers=2)
+    simulate_cohort(COHORT_DIR, subjects_per_class=args.subjects_per_class, seed=args.seed,
+                    atrophy_scale=args.atrophy_scale, workers=2)
     shuffled_test = write_shuffled_test(args.seed)
     results = {variant: train_and_evaluate(variant, options, args.max_epoch, shuffled_test)
                for variant, options in VARIANTS.items()}

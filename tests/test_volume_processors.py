@@ -692,3 +692,63 @@ def test_head_quantiles_remove_scanner_contrast_and_scale(icbm, tmp_path):
     # Head voxels hold their quantile: uniform on (0, 1], background stays 0.
     head = reference[reference > 0]
     assert float(head.max()) == 1.0 and abs(float(head.mean()) - 0.5) < 0.01
+
+
+# --------------------------------------------------------------------------- template registration
+# register_to_template aligns every head to the vendored ICBM 2009c template and keeps the brain;
+# template_deviation_scale then hands the model what differs from that average brain.
+
+
+def registering_processor(**overrides) -> MriVolumeEvalProcessor:
+    return harmonising_processor(register_to_template=True, **overrides)
+
+
+def test_registration_undoes_the_shift_that_a_cropped_neck_causes(icbm, tmp_path):
+    # A scanner whose field of view stops 40 mm higher: the head's centre of mass moves up, and
+    # with it the whole cube, though the brain is the same.
+    data = np.asarray(icbm.dataobj).copy()
+    data[:, :, :40] = 0
+    cropped = save(nib.Nifti1Image(data, icbm.affine), tmp_path / "cropped.nii.gz")
+
+    plain, registered = harmonising_processor(), registering_processor()
+    brain = registered(ICBM_T1) > 0
+    misaligned = (plain(cropped) - plain(ICBM_T1))[brain].abs().mean()
+    aligned = (registered(cropped) - registered(ICBM_T1))[brain].abs().mean()
+    # Measured: 0.234 -> 0.121 (a 14 mm shift found; at 6 mm voxels interpolation alone leaves ~0.12).
+    assert aligned < 0.6 * misaligned
+    # Only the brain is kept, as quantiles within the template's brain mask.
+    output = registered(cropped)
+    assert float(output.max()) == 1.0 and abs(float(output[output > 0].mean()) - 0.5) < 0.01
+    assert brain.float().mean() < 0.4  # the brain, not the head (measured: 0.33 of the cube)
+
+
+def test_template_deviation_is_zero_for_the_template_and_signed_elsewhere(icbm, tmp_path):
+    processor = registering_processor(template_deviation_scale=0.05)
+    assert processor(ICBM_T1).abs().mean() < 0.2  # the template is its own reference (up to the fit)
+
+    data = np.asarray(icbm.dataobj).astype(np.float32)
+    darker_centre = data.copy()
+    darker_centre[80:113, 95:135, 80:110] *= 0.3  # more CSF-dark tissue in the middle of the brain
+    deviation = processor(save(nib.Nifti1Image(darker_centre, icbm.affine), tmp_path / "dark.nii.gz"))
+    middle = deviation[0, SIZE // 2 - 2:SIZE // 2 + 2, SIZE // 2 - 2:SIZE // 2 + 2, SIZE // 2 - 2:SIZE // 2 + 2]
+    assert float(middle.mean()) < -2.0  # darker than the template there, by many 0.05 quantile steps
+    assert float(deviation.mean()) == pytest.approx(0.0, abs=0.01)  # quantiles against quantiles
+
+    train = MriVolumeTrainProcessor(image_size=SIZE, field_of_view_mm=192.0, bias_field_sigma_mm=30.0,
+                                    intensity_normalization="head_quantiles", register_to_template=True,
+                                    template_deviation_scale=0.05, augment=False)
+    assert torch.equal(train(ICBM_T1), processor(ICBM_T1))  # the deviation is applied by both
+
+
+def test_registration_options_are_checked():
+    with pytest.raises(ValueError, match="register_to_template needs field_of_view_mm"):
+        MriVolumeEvalProcessor(image_size=SIZE, register_to_template=True)
+    with pytest.raises(ValueError, match="template_deviation_scale"):
+        harmonising_processor(template_deviation_scale=0.05)
+    with pytest.raises(ValueError, match="template_deviation_scale"):
+        registering_processor(template_deviation_scale=0.0)
+    cfg = {"image_size": SIZE, "field_of_view_mm": 192, "intensity_normalization": "head_quantiles",
+           "register_to_template": True, "template_deviation_scale": 0.05}
+    processor = MriVolumeEvalProcessor.from_config(cfg)
+    assert processor.register_to_template and processor.template_deviation_scale == 0.05
+    assert processor.cache_settings()["register_to_template"] is True

@@ -6,10 +6,11 @@ re-raises a failure naming the transform and the file.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -272,6 +273,15 @@ def head_mask(cube: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
     return torch.from_numpy(mask)[None]
 
 
+def head_centre_mm(volume: Volume) -> np.ndarray:
+    """The head mask's centre of mass in world (RAS) mm."""
+    mask = head_mask(torch.as_tensor(volume.data, dtype=torch.float32)[None])[0]
+    if not mask.any():
+        raise VolumeReadError(volume.source, "no head found (nothing above 15% of the 99th intensity percentile)")
+    centre_index = np.array([float(i.float().mean()) for i in torch.nonzero(mask, as_tuple=True)])
+    return volume.affine[:3, :3] @ centre_index + volume.affine[:3, 3]
+
+
 class ResampleToFieldOfView:
     """Resample onto a ``size``^3 grid that spans ``field_of_view_mm`` per side, centred on the head.
 
@@ -294,13 +304,11 @@ class ResampleToFieldOfView:
         return self.field_of_view_mm / self.size
 
     def __call__(self, volume: Volume) -> Volume:
-        data = torch.as_tensor(volume.data, dtype=torch.float32)
-        mask = head_mask(data[None])[0]
-        if not mask.any():
-            raise VolumeReadError(volume.source, "no head found (nothing above 15% of the 99th intensity percentile)")
-        centre_index = np.array([float(i.float().mean()) for i in torch.nonzero(mask, as_tuple=True)])
-        centre_mm = volume.affine[:3, :3] @ centre_index + volume.affine[:3, 3]
+        return self.resample(volume, head_centre_mm(volume))
 
+    def resample(self, volume: Volume, centre_mm: np.ndarray) -> Volume:
+        """The ``size``^3 cube of ``field_of_view_mm`` around ``centre_mm`` (RAS mm)."""
+        data = torch.as_tensor(volume.data, dtype=torch.float32)
         # Anti-alias: average blocks of whole input voxels that fit in half an output voxel or more.
         kernel = [int(self.spacing // s) if self.spacing >= 2 * s else 1 for s in volume.spacing]
         source, affine = data[None, None], volume.affine
@@ -366,13 +374,112 @@ class HeadQuantileNormalize:
 
     def __call__(self, volume: Volume) -> Volume:
         cube = volume.data.float()
-        mask = head_mask(cube)
-        values = cube[mask]
-        ranks = torch.empty_like(values)
-        ranks[values.argsort(stable=True)] = torch.arange(1, values.numel() + 1, dtype=values.dtype) / values.numel()
-        out = torch.zeros_like(cube)
-        out[mask] = ranks
-        return replace(volume, data=out)
+        return replace(volume, data=quantiles_within(cube, head_mask(cube)))
+
+
+def quantiles_within(cube: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each voxel in ``mask`` replaced by its intensity quantile among them, in (0, 1]; 0 elsewhere.
+
+    Equal intensities are ranked in voxel order (a stable sort), so the output is deterministic.
+    """
+    values = cube[mask]
+    ranks = torch.empty_like(values)
+    ranks[values.argsort(stable=True)] = torch.arange(1, values.numel() + 1, dtype=values.dtype) / values.numel()
+    out = torch.zeros_like(cube)
+    out[mask] = ranks
+    return out
+
+
+@dataclass(frozen=True)
+class TemplateReference:
+    """The ICBM 2009c template on a processor's grid: what :class:`RegisterToTemplate` aligns to."""
+
+    head: torch.Tensor  # 1 x S^3, head quantiles (the registration target)
+    brain_mask: torch.Tensor  # 1 x S^3 bool, the template's brain mask dilated by one voxel
+    brain: torch.Tensor  # 1 x S^3, quantiles within brain_mask (the reference of template deviations)
+    affine: np.ndarray
+
+
+@functools.lru_cache(maxsize=4)
+def template_reference(size: int, field_of_view_mm: float, bias_field_sigma_mm: Optional[float]) -> TemplateReference:
+    """The vendored ICBM 2009c T1 and brain mask on a ``size``^3 grid, preprocessed as the subjects are.
+
+    Built once per process and setting (a few seconds).
+    """
+    from lavis_medblip.assets import ICBM_BRAIN_MASK, ICBM_T1
+    from lavis_medblip.processors.readers import load_volume
+
+    t1 = Compose([EnsureVolume3D(), ToCanonicalRAS(), ScaleIntensityPercentiles()])(load_volume(ICBM_T1))
+    mask = Compose([EnsureVolume3D(), ToCanonicalRAS()])(load_volume(ICBM_BRAIN_MASK))
+    resample = ResampleToFieldOfView(size, field_of_view_mm)
+    centre = head_centre_mm(t1)
+    head = resample.resample(t1, centre)
+    if bias_field_sigma_mm is not None:
+        head = CorrectBiasField(bias_field_sigma_mm)(head)
+    head = HeadQuantileNormalize()(head)
+    mask_cube = resample.resample(replace(mask, data=np.asarray(mask.data, dtype=np.float32)), centre).data > 0.5
+    brain_mask = torch.from_numpy(ndimage.binary_dilation(mask_cube[0].numpy(), iterations=1))[None]
+    return TemplateReference(head=head.data.float(), brain_mask=brain_mask,
+                             brain=quantiles_within(head.data.float(), brain_mask), affine=head.affine)
+
+
+class RegisterToTemplate:
+    """Align the head affinely to the ICBM 2009c template, keep the brain, re-rank its intensities.
+
+    Centring on the head's centre of mass (:class:`ResampleToFieldOfView`) leaves heads a few mm
+    apart, more between sites, because fields of view cover different amounts of neck and face,
+    and heads differ in size and pose. This fits 12 affine parameters (Adam on the mean squared
+    difference to the template within its brain, both as head quantiles; deterministic on CPU),
+    resamples the cube into template space, zeroes everything outside the template's brain mask
+    (skull, scalp and neck, which sites crop differently) and maps the brain voxels to their
+    intensity quantiles. Expects the output of :class:`HeadQuantileNormalize` on a
+    :class:`ResampleToFieldOfView` grid of the same ``size`` and ``field_of_view_mm``, after
+    :class:`CorrectBiasField` with ``bias_field_sigma_mm`` if that is set; the template is
+    prepared the same way. The fit runs on a grid of about ``FIT_SPACING_MM`` voxels, so its
+    cost does not grow with ``size``.
+    """
+
+    FIT_SPACING_MM = 8.0
+
+    def __init__(self, size: int, field_of_view_mm: float, bias_field_sigma_mm: Optional[float] = None,
+                 iterations: int = 60, learning_rate: float = 0.01) -> None:
+        self.size = int(size)
+        self.field_of_view_mm = float(field_of_view_mm)
+        self.bias_field_sigma_mm = None if bias_field_sigma_mm is None else float(bias_field_sigma_mm)
+        self.iterations = int(iterations)
+        self.learning_rate = float(learning_rate)
+
+    def reference(self) -> TemplateReference:
+        return template_reference(self.size, self.field_of_view_mm, self.bias_field_sigma_mm)
+
+    def __call__(self, volume: Volume) -> Volume:
+        reference = self.reference()
+        moving = volume.data.float()[None]
+        theta = self.fit(moving, reference.head[None], reference.brain_mask[None].float())
+        with torch.no_grad():
+            grid = F.affine_grid(theta, list(moving.shape), align_corners=False)
+            aligned = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+        return replace(volume, data=quantiles_within(aligned, reference.brain_mask), affine=reference.affine.copy())
+
+    def fit(self, moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The affine (1, 3, 4) in ``affine_grid``'s normalised coordinates that maps ``fixed`` onto ``moving``.
+
+        The squared differences count where ``weight`` (the brain) is, after a blur of one fit
+        voxel, so the brain's edge counts and the neck and face, which sites crop, do not.
+        """
+        factor = max(1, round(self.FIT_SPACING_MM * self.size / self.field_of_view_mm))
+        moving, fixed = F.avg_pool3d(moving, factor, ceil_mode=True), F.avg_pool3d(fixed, factor, ceil_mode=True)
+        weight = F.avg_pool3d(F.avg_pool3d(weight, factor, ceil_mode=True), 3, stride=1, padding=1) > 0
+        theta = torch.eye(3, 4)[None].requires_grad_(True)
+        optimizer = torch.optim.Adam([theta], lr=self.learning_rate)
+        with torch.enable_grad():
+            for _ in range(self.iterations):
+                grid = F.affine_grid(theta, list(moving.shape), align_corners=False)
+                loss = (F.grid_sample(moving, grid, align_corners=False) - fixed)[weight].pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+        return theta.detach()
 
 
 # --------------------------------------------------------------------------------------------
