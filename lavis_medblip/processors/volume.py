@@ -15,11 +15,12 @@ and small transform classes with ``__call__`` (``transforms.py``) that a process
 
 The defaults follow the paper (its ADNI scans were already bias-corrected and registered). The
 optional steps are for raw multi-site scans: they make a structure's size in voxels and its
-intensity comparable across scanners (the CPU demo's held-out site needs all three).
+intensity comparable across scanners (the CPU demo uses them all).
 
 Every processor returns a ``1 x S x S x S`` tensor in [0, 1] whose axes are (R, A, S) voxel
-order (with ``template_deviation_scale``: the signed, scaled difference from the template). Anything that cannot become such a tensor raises :class:`VolumeReadError` naming the
-file and the problem; whether to skip or abort is the dataset's decision.
+order (with ``template_deviation_scale``: the signed, scaled difference from the template).
+Anything that cannot become such a tensor raises :class:`VolumeReadError` naming the file and
+the problem; whether to skip or abort is the dataset's decision.
 
 Speed notes (why the code looks the way it does): NIfTI data is stored x-fastest (Fortran
 order), and trilinear interpolation on a strided tensor is ~3x slower than on a contiguous
