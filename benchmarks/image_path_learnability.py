@@ -38,8 +38,10 @@ from image_evidence import PROJECT_DIR, load_split
 
 
 def balanced_accuracy(labels: torch.Tensor, predictions: torch.Tensor) -> float:
-    recalls = [(predictions[labels == c] == c).float().mean().item() for c in labels.unique()]
-    return sum(recalls) / len(recalls)
+    from lavis_medblip.data.schema import CLASS_NAMES
+    from lavis_medblip.tasks.metrics import classification_metrics
+
+    return classification_metrics(labels.tolist(), predictions.tolist(), CLASS_NAMES)["balanced_accuracy"]
 
 
 def main() -> None:
