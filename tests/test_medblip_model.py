@@ -81,6 +81,32 @@ def test_lambda_lm_zero_is_an_lm_free_stage_that_trains_the_qformer(tiny_config,
     assert all(p.grad is None for name, p in model.named_parameters() if "lora_" in name)
 
 
+def test_freeze_qformer_bert_trains_only_what_the_qformer_adds_to_bert(tiny_config, samples, tmp_path):
+    tiny_config.freeze_qformer_bert = True
+    model = MedBLIP.from_config(tiny_config)
+    trainable_bert = [name for name, p in model.Qformer.bert.named_parameters() if p.requires_grad]
+    assert trainable_bert and all("crossattention" in name or "_query" in name for name in trainable_bert)
+    assert not model.Qformer.bert.embeddings.word_embeddings.weight.requires_grad
+
+    model(samples).loss.backward()
+    assert model.Qformer.bert.encoder.layer[0].crossattention.self.query.weight.grad.abs().sum() > 0
+    assert model.Qformer.bert.encoder.layer[0].attention.self.query.weight.grad is None
+
+    # a checkpoint of this model loads into the same configuration (its frozen BERT is the init's)
+    model.save_checkpoint(tmp_path / "frozen_bert.pth")
+    MedBLIP.from_config(tiny_config).load_checkpoint(str(tmp_path / "frozen_bert.pth"))
+
+
+def test_llama_family_lms_score_answers_from_answer_position_logits_only(tiny_config, samples):
+    tiny_config.lm_config_overrides = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 30522}
+    model = MedBLIP.from_config(tiny_config).eval()
+    assert model.language_model.keeps_chosen_logits  # GPT-2 has no logits_to_keep: it computes them all
+    chosen = model.predict_answers(samples, CLASSES).scores
+    model.language_model.keeps_chosen_logits = False
+    torch.testing.assert_close(chosen, model.predict_answers(samples, CLASSES).scores)
+
+
 def test_lora_adds_rank_times_in_plus_out_per_target(tiny_config):
     model = MedBLIP.from_config(tiny_config)  # tiny GPT-2: LoRA r=4 on the fused c_attn (64 → 192), 2 layers
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
@@ -157,9 +183,27 @@ def test_checkpoint_holds_trainable_parameters_and_reproduces_outputs(tiny_confi
     assert restored.generate(samples, max_new_tokens=5) == trained.generate(samples, max_new_tokens=5)
 
 
+def test_a_stage_that_freezes_the_stem_passes_the_earlier_stages_stem_on(tiny_config, samples, tmp_path):
+    stage1 = MedBLIP.from_config(tiny_config)
+    with torch.no_grad():
+        stage1.visual_encoder.patch_embed.proj.weight.add_(1.0)  # "trained" in stage 1
+    stage1.save_checkpoint(tmp_path / "stage1.pth")
+
+    tiny_config.freeze_vision_stem = True  # stage 2: the stem is frozen (its features could be cached)
+    stage2 = MedBLIP.from_config(tiny_config)
+    stage2.load_checkpoint(str(tmp_path / "stage1.pth"))
+    stage2.save_checkpoint(tmp_path / "stage2.pth")
+
+    tiny_config.freeze_vision_stem = False  # evaluation builds the model as stage 1 did
+    evaluated = MedBLIP.from_config(tiny_config)
+    evaluated.load_checkpoint(str(tmp_path / "stage2.pth"))
+    torch.testing.assert_close(evaluated.visual_encoder.patch_embed.proj.weight,
+                               stage1.visual_encoder.patch_embed.proj.weight)
+
+
 def test_checkpoint_with_foreign_or_missing_keys_is_an_error(tiny_config, tmp_path):
     model = MedBLIP.from_config(tiny_config)
-    state = model.trainable_state_dict()
+    state = model.checkpoint_state_dict()
     torch.save({"model": {**state, "not_a_parameter": torch.zeros(1)}}, tmp_path / "extra.pth")
     with pytest.raises(RuntimeError, match="unexpected keys \\['not_a_parameter'\\]"):
         model.load_checkpoint(str(tmp_path / "extra.pth"))

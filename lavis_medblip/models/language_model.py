@@ -12,6 +12,7 @@ text and the question (token ids). The loss is taken on answer tokens only.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -60,6 +61,10 @@ class LanguageModel(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
+        # Llama-family LMs compute logits at chosen positions only: a 49k-word vocabulary over every
+        # prompt position is a fifth of a CPU training step, and only the answer positions are scored.
+        self.keeps_chosen_logits = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the LM tokenizer {type(tokenizer).__name__} has no eos token; set lm_tokenizer_kwargs.eos_token")
         if tokenizer.pad_token_id is None:
@@ -176,8 +181,15 @@ class LanguageModel(nn.Module):
                                 labels=batch.labels).logits
             labels = batch.labels
         else:
-            logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
-            logits, labels = logits[:, :-1], batch.labels[:, 1:]
+            labels = batch.labels[:, 1:]  # the logits at position i predict token i + 1
+            if self.keeps_chosen_logits:
+                positions = (labels != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)  # any row's answer
+                logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                    logits_to_keep=positions).logits
+                labels = labels[:, positions]
+            else:
+                logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+                logits = logits[:, :-1]
         valid = labels != IGNORE_INDEX
         token_log_probs = -F.cross_entropy(
             logits.float().transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none"

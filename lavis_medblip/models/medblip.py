@@ -94,6 +94,11 @@ def copy_text_ffn_to_query_ffn(qformer: nn.Module) -> None:
                 parameter.copy_(state[name.replace("_query", "")])
 
 
+def is_qformer_addition(name: str) -> bool:
+    """Whether a parameter of the Q-Former's BERT is one the Q-Former adds (cross-attention, query FFN)."""
+    return "crossattention" in name or "_query" in name
+
+
 @registry.register_model("medblip")
 class MedBLIP(Blip2Base):
     """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA."""
@@ -120,6 +125,7 @@ class MedBLIP(Blip2Base):
         freeze_vit: bool = True,
         freeze_vision_stem: bool = False,
         vision_feature_cache: str | os.PathLike | None = None,
+        freeze_qformer_bert: bool = False,
     ):
         super().__init__()
         if sorted(prompt_order) != sorted(PROMPT_SEGMENTS):
@@ -139,6 +145,9 @@ class MedBLIP(Blip2Base):
         self.feature_cache = VisionFeatureCache(vision_feature_cache, vision_encoder) if vision_feature_cache else None
         self.ln_vision = LayerNorm(vision_encoder.num_features)
         self.Qformer = qformer
+        if freeze_qformer_bert:  # keeps a small BERT's pretraining; the text branch then needs no backward
+            for name, parameter in qformer.bert.named_parameters():
+                parameter.requires_grad = is_qformer_addition(name)
         self.query_tokens = query_tokens
         self.tokenizer = tokenizer
         hidden = qformer.config.hidden_size
@@ -153,6 +162,7 @@ class MedBLIP(Blip2Base):
         self.lambda_lm = lambda_lm
         self.prompt_order = tuple(prompt_order)
         self.question = question
+        self.finetuned_keys: set[str] = set()  # loaded by load_checkpoint: later checkpoints keep them
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -251,6 +261,7 @@ class MedBLIP(Blip2Base):
             freeze_vit=cfg.get("freeze_vit", True),
             freeze_vision_stem=cfg.get("freeze_vision_stem", False),
             vision_feature_cache=cfg.get("vision_feature_cache"),
+            freeze_qformer_bert=cfg.get("freeze_qformer_bert", False),
         )
         return model
 
@@ -409,12 +420,18 @@ class MedBLIP(Blip2Base):
                                 predictions=[per_sample[i][best[i]] for i in range(batch_size)])
 
     # ---- checkpoints ------------------------------------------------------------------------------
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach().cpu() for name, p in self.named_parameters() if p.requires_grad}
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint holds: the trainable parameters and those loaded from an earlier checkpoint.
+
+        A later stage that freezes parts an earlier one trained (e.g. the 3D stem, so that the vision
+        features can be cached) still passes them on; everything else is the backbones' init.
+        """
+        keys = {name for name, p in self.named_parameters() if p.requires_grad} | self.finetuned_keys
+        return {name: p.detach().cpu() for name, p in self.named_parameters() if name in keys}
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Trainable parameters plus the model config; loads on top of the frozen backbones."""
-        torch.save({"model": self.trainable_state_dict(), "config": getattr(self, "config", None)}, path)
+        """:meth:`checkpoint_state_dict` plus the model config; loads on top of the frozen backbones."""
+        torch.save({"model": self.checkpoint_state_dict(), "config": getattr(self, "config", None)}, path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load a checkpoint of trainable parameters (ours, or a LAVIS runner's).
@@ -430,6 +447,7 @@ class MedBLIP(Blip2Base):
             raise RuntimeError(f"checkpoint {url_or_filename} does not fit this model: "
                                f"unexpected keys {unexpected[:10]}, missing trainable keys {missing[:10]}")
         self.load_state_dict(state_dict, strict=False)
+        self.finetuned_keys |= set(state_dict)
         logger.info("Loaded %d tensors from %s", len(state_dict), url_or_filename)
 
     def load_from_pretrained(self, url_or_filename: str) -> None:

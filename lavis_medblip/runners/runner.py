@@ -6,9 +6,10 @@ differs, and why:
 - the ``model`` property also wraps when the model is already on the device (on CPU it was None);
 - DDP gets no ``device_ids`` on CPU, loaders no CUDA streams or pinned memory;
 - every epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches;
-- checkpoints hold the trainable parameters only, are written atomically (temp file, then
-  rename), and ``checkpoint_latest.pth`` / ``checkpoint_best.pth`` are kept; resume restores
-  model, optimizer, scaler, epoch, best metric and RNG states;
+- checkpoints hold the trained parameters only (trainable now, or loaded from an earlier stage's
+  checkpoint), are written atomically (temp file, then rename), and ``checkpoint_latest.pth`` /
+  ``checkpoint_best.pth`` are kept; resume restores model, optimizer, scaler, epoch, best metric
+  and RNG states;
 - ``output_dir`` is absolute or relative to the working directory, never inside site-packages;
 - barriers are guarded, so one process without a process group works;
 - ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
@@ -246,7 +247,7 @@ class MedBLIPRunner(RunnerBase):
             return
         model = self.unwrap_dist_model(self.model)
         state = {
-            "model": {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad},
+            "model": checkpoint_state_dict(model),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
@@ -257,7 +258,7 @@ class MedBLIPRunner(RunnerBase):
         }
         latest = self.output_dir / "checkpoint_latest.pth"
         _atomic_save(state, latest)
-        logger.info("Saved epoch %d checkpoint (trainable parameters only) to %s", cur_epoch, latest)
+        logger.info("Saved epoch %d checkpoint (trained parameters only) to %s", cur_epoch, latest)
         if is_best:
             _atomic_save(state, self.output_dir / "checkpoint_best.pth")
 
@@ -283,6 +284,13 @@ class MedBLIPRunner(RunnerBase):
             np.random.set_state(checkpoint["rng"]["numpy"])
             random.setstate(checkpoint["rng"]["python"])
         logger.info("Resumed from %s: continuing at epoch %d", url_or_filename, self.start_epoch)
+
+
+def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own choice (``MedBLIP.checkpoint_state_dict``), else its trainable parameters."""
+    if hasattr(model, "checkpoint_state_dict"):
+        return model.checkpoint_state_dict()
+    return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _atomic_save(state: dict, path: Path) -> None:
