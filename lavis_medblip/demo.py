@@ -147,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--atrophy-scale", type=float, default=2.5, help="exaggerates the simulated atrophy")
     parser.add_argument("--max-epoch", type=int, default=None, help="override demo_pretrain.yaml's run.max_epoch")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="override the yaml's run.seed (training order and dropout; the cohort keeps --seed)")
     args = parser.parse_args(argv)
     start = time.time()
 
@@ -155,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     simulate_cohort(COHORT_DIR, subjects_per_class=args.subjects_per_class, seed=args.seed,
                     atrophy_scale=args.atrophy_scale, workers=2)
     shuffled_test = write_shuffled_test(args.seed)
-    results = {variant: train_and_evaluate(variant, options, args.max_epoch, shuffled_test)
+    seed = [f"run.seed={args.train_seed}"] if args.train_seed is not None else []
+    results = {variant: train_and_evaluate(variant, [*options, *seed], args.max_epoch, shuffled_test)
                for variant, options in VARIANTS.items()}
     print_table(results)
     report = write_report(results, DEMO_ROOT / "report.png")
