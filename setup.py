@@ -38,6 +38,7 @@ setup(
             "medblip-train=lavis_medblip.train:main",
             "medblip-evaluate=lavis_medblip.evaluate:main",
             "medblip-predict=lavis_medblip.predict:main",
+            "medblip-warm-cache=lavis_medblip.warm_cache:main",
         ]
     },
 )

@@ -3,14 +3,17 @@
 * ``ranking``     ``predict_answers`` over the class answers (one LM pass over 3 candidate prompts);
 * ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8).
 
-Both run one case at a time (batch 1, the latency a single scan sees) on ``--cases`` synthetic
-cases: the vendored ICBM-2009c T1 preprocessed once to 48³ and varied by the train processor's
-augmentation, with EHR sentences from random EHR fields (see ``benchmarks/train_step.py``).
+Both run one case at a time (batch 1, the latency a single scan sees) on ``--cases`` cases: by
+default synthetic ones (the vendored ICBM-2009c T1 preprocessed once to 48³ and varied by the train
+processor's augmentation, with EHR sentences from random EHR fields; see ``benchmarks/train_step.py``),
+or with ``--annotations`` the first cases of an annotation file (e.g. the demo's held-out site),
+preprocessed as the demo model's config says (``preprocess``).
 Agreement is the fraction of cases whose generated text names (``match_generated_answer``) the
 same class as the ranking's top answer. The model is ``model_type: demo``; without
 ``--checkpoint`` its Q-Former, projection and LoRA are untrained, so agreement means little.
 
     python benchmarks/zeroshot.py [--cases 8] [--checkpoint .cache/demo/runs/.../checkpoint_best.pth]
+        [--annotations .cache/demo/cohort/test.jsonl]
 """
 from __future__ import annotations
 
@@ -29,7 +32,9 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 import lavis_medblip  # noqa: E402,F401  (registers resolvers, model, processors)
-from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES  # noqa: E402
+from lavis.common.registry import registry  # noqa: E402
+
+from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, read_annotations  # noqa: E402
 from lavis_medblip.models import MedBLIP  # noqa: E402
 from lavis_medblip.tasks.metrics import INVALID, match_generated_answer  # noqa: E402
 from train_step import synthetic_cohort  # noqa: E402
@@ -42,17 +47,29 @@ def milliseconds(function, *args, **kwargs) -> tuple[float, float, object]:
     return 1000 * (time.perf_counter() - start_wall), 1000 * (time.process_time() - start_cpu), result
 
 
+def annotated_cases(path: str, preprocess: OmegaConf, limit: int) -> list[dict]:
+    """The first ``limit`` labelled cases of an annotation file, through the model config's eval processors."""
+    processors = {kind: registry.get_processor_class(preprocess[kind].eval.name).from_config(preprocess[kind].eval)
+                  for kind in ("vis_processor", "text_processor")}
+    records = [record for record in read_annotations(path) if record.label is not None][:limit]
+    return [{"image": processors["vis_processor"](str(Path(path).parent / record.image)),
+             "text": processors["text_processor"](record.text), "label": CLASS_NAMES.index(record.label)}
+            for record in records]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--checkpoint", help="trainable-parameter checkpoint of a demo-type model")
+    parser.add_argument("--annotations", help="take the cases from this annotation file (default: synthetic)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     args = parser.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = OmegaConf.load(MedBLIP.default_config_path("demo")).model
+    demo_config = OmegaConf.load(MedBLIP.default_config_path("demo"))
+    cfg = demo_config.model
     torch.manual_seed(0)
     model = MedBLIP.from_config(cfg)
     if args.checkpoint:
@@ -60,7 +77,10 @@ def main() -> None:
     model.eval()
 
     class_answers = [CLASS_ANSWERS[name] for name in CLASS_NAMES]
-    cases = synthetic_cohort(args.cases, cfg.image_size, seed=1)
+    if args.annotations:
+        cases = annotated_cases(args.annotations, demo_config.preprocess, args.cases)
+    else:
+        cases = synthetic_cohort(args.cases, cfg.image_size, seed=1)
     sample = lambda case: {"image": case["image"][None], "text_input": [case["text"]]}  # noqa: E731
     model.predict_answers(sample(cases[0]), class_answers)  # warm-up: lazy init, allocator
     model.generate(sample(cases[0]), max_new_tokens=args.max_new_tokens)
@@ -93,7 +113,10 @@ def main() -> None:
           f"greedy, max_new_tokens {args.max_new_tokens}; {invalid}/{n} name no single class")
     print(f"agreement (generated class == ranking's top): {agree}/{n} = {agree / n:.2f}; "
           f"generation / ranking latency: {statistics.mean(generation_ms) / statistics.mean(ranking_ms):.2f}x")
-    print("accuracy: against the synthetic labels (EHR scores follow the label; the volume is one template)")
+    if args.annotations:
+        print(f"accuracy: against the labels of {args.annotations}")
+    else:
+        print("accuracy: against the synthetic labels (EHR scores follow the label; the volume is one template)")
     print(f"example generation: {texts[0]!r}")
 
 

@@ -1,7 +1,8 @@
 """The CPU demo (``make demo``): MedBLIP learns NC / MCI / AD from a simulated cohort in minutes.
 
 1. simulate an atrophy cohort from the real ICBM-2009c brain (cached), with a held-out scanner site
-   (the atrophy exaggerated ``--atrophy-scale`` times, 2.5 by default: see README, limitations);
+   (the atrophy exaggerated ``--atrophy-scale`` times, 2.5 by default: see README, limitations), and
+   preprocess its scans into the volume cache (``python -m lavis_medblip.warm_cache``, on every core);
 2. pretrain a small MedBLIP through ``python -m lavis_medblip.train`` (projects/medblip/demo_pretrain.yaml)
    in two stages, as BLIP-2: an LM-free Q-Former stage (ITC only), then the full loss from its checkpoint;
 3. train the same model the same way with the image blanked (``mri_volume_blank``): the text-only baseline;
@@ -62,15 +63,26 @@ def write_shuffled_test(seed: int) -> Path:
     return path
 
 
-def evaluate(checkpoint: Path, options: list[str], name: str, test_file: Path | None = None) -> dict:
+def evaluate(checkpoint: Path, options: list[str], name: str, more_test_sets: dict[str, Path] | None = None) -> dict:
+    """Metrics and predictions on the held-out site (``test``), and on ``more_test_sets`` in the same run."""
     eval_dir = RUNS_DIR / name
     shutil.rmtree(eval_dir, ignore_errors=True)
-    test = [f"datasets.brain_mri.build_info.annotations.test.storage={test_file}"] if test_file else []
+    splits = {"test": None, **(more_test_sets or {})}
+    annotations = [f"datasets.brain_mri.build_info.annotations.{split}.storage={path}"
+                   for split, path in splits.items() if path is not None]
     run("lavis_medblip.evaluate", PROJECT_DIR / "demo_eval.yaml",
-        [f"run.output_dir={eval_dir}", f"model.finetuned={checkpoint}", *options, *test])
+        [f"run.output_dir={eval_dir}", f"model.finetuned={checkpoint}", *options, *annotations,
+         f"run.test_splits=[{','.join(splits)}]"])
     result_dir = job_dir(eval_dir) / "result"
-    return {"metrics": json.loads((result_dir / "test_epochbest_metrics.json").read_text()),
-            "predictions": json.loads((result_dir / "test_epochbest_predictions.json").read_text())}
+    return {split: {"metrics": json.loads((result_dir / f"{split}_epochbest_metrics.json").read_text()),
+                    "predictions": json.loads((result_dir / f"{split}_epochbest_predictions.json").read_text())}
+            for split in splits}
+
+
+def warm_volume_cache() -> None:
+    """Register and resample every scan once, on every core, before training reads them from the cache."""
+    test = f"datasets.brain_mri.build_info.annotations.test.storage={COHORT_DIR / 'test.jsonl'}"
+    run("lavis_medblip.warm_cache", PROJECT_DIR / "demo_pretrain.yaml", [test])
 
 
 def train_and_evaluate(variant: str, options: list[str], max_epoch: int | None, shuffled_test: Path) -> dict:
@@ -84,9 +96,12 @@ def train_and_evaluate(variant: str, options: list[str], max_epoch: int | None, 
     run("lavis_medblip.train", PROJECT_DIR / "demo_pretrain.yaml",
         [f"run.output_dir={train_dir}", "model.load_finetuned=true", f"model.finetuned={stage1}", *epochs, *options])
     checkpoint = job_dir(train_dir) / "checkpoint_latest.pth"
-    result = evaluate(checkpoint, options, f"{variant}_eval")
+    # the image + text model is evaluated on the shuffled images too, in the same run
+    more_test_sets = {"test_images_shuffled": shuffled_test} if variant == "image_text" else None
+    results = evaluate(checkpoint, options, f"{variant}_eval", more_test_sets)
+    result = results["test"]
     if variant == "image_text":
-        result["shuffled_metrics"] = evaluate(checkpoint, options, f"{variant}_shuffled_eval", shuffled_test)["metrics"]
+        result["shuffled_metrics"] = results["test_images_shuffled"]["metrics"]
     steps = [json.loads(line) for line in (job_dir(train_dir) / "train_steps.jsonl").read_text().splitlines()]
     return {**result, "steps": steps}
 
@@ -157,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     simulate_cohort(COHORT_DIR, subjects_per_class=args.subjects_per_class, seed=args.seed,
                     atrophy_scale=args.atrophy_scale, workers=2)
     shuffled_test = write_shuffled_test(args.seed)
+    warm_volume_cache()
     seed = [f"run.seed={args.train_seed}"] if args.train_seed is not None else []
     results = {variant: train_and_evaluate(variant, [*options, *seed], args.max_epoch, shuffled_test)
                for variant, options in VARIANTS.items()}
