@@ -56,6 +56,11 @@ def init_distributed_mode(run_cfg) -> None:
     setup_for_distributed(run_cfg.rank == 0)
 
 
+def register_cache_root(run_cfg) -> None:
+    """Relative storage paths resolve against ``run.cache_root`` (default: the working directory), not ``/export``."""
+    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(run_cfg.get("cache_root", ".")))
+
+
 def setup_seeds(config: Config) -> None:
     seed = int(config.run_cfg.seed) + get_rank()
     random.seed(seed)
@@ -77,7 +82,7 @@ def build_runner(argv: Sequence[str] | None, description: str):
     job_id = job_id[0]
     setup_seeds(cfg)
     setup_logger()
-    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(cfg.run_cfg.get("cache_root", ".")))
+    register_cache_root(cfg.run_cfg)
     cfg.run_cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.run_cfg.output_dir))
     cfg.pretty_print()
 

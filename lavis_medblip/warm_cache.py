@@ -77,10 +77,9 @@ def warm_cache(datasets: dict[str, dict[str, Any]], workers: int = 1) -> dict[st
 def main(argv: Sequence[str] | None = None) -> None:
     from lavis.common.config import Config
     from lavis.common.logger import setup_logger
-    from lavis.common.registry import registry
     import lavis.tasks as tasks
 
-    import lavis_medblip  # noqa: F401  (registers builders and processors)
+    from lavis_medblip.launch import register_cache_root  # also registers builders and processors
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg-path", required=True, help="a project YAML, e.g. projects/medblip/demo_pretrain.yaml")
@@ -89,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logger()
     cfg = Config(argparse.Namespace(cfg_path=args.cfg_path, options=args.options))
-    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(cfg.run_cfg.get("cache_root", ".")))
+    register_cache_root(cfg.run_cfg)
     datasets = tasks.setup_task(cfg).build_datasets(cfg)
     torch.set_num_threads(1)  # the workers do the work
     result = warm_cache(datasets, workers=args.workers)
