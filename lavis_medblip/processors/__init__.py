@@ -6,12 +6,13 @@ in ``lavis.common.registry``.
 import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
 from lavis_medblip.processors.blank import MriVolumeBlankProcessor
 from lavis_medblip.processors.text import MedBlipTextProcessor
-from lavis_medblip.processors.readers import ConstantVolumeWarning, Volume, VolumeReadError, VolumeTransformError, load_volume
+from lavis_medblip.processors.readers import ConstantVolumeWarning, DegenerateVolumeWarning, Volume, VolumeReadError, VolumeTransformError, load_volume
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor, MriVolumeProcessor, MriVolumeTrainProcessor
 from lavis_medblip.processors.volume_cache import VolumeCache
 
 __all__ = [
     "ConstantVolumeWarning",
+    "DegenerateVolumeWarning",
     "MedBlipTextProcessor",
     "MriVolumeBlankProcessor",
     "MriVolumeEvalProcessor",

@@ -37,7 +37,14 @@ class VolumeTransformError(VolumeReadError):
         super().__init__(source, f"transform {transform} failed: {type(cause).__name__}: {cause}")
 
 
-class ConstantVolumeWarning(UserWarning):
+class DegenerateVolumeWarning(UserWarning):
+    """The volume was read but is unlikely to be a usable scan (constant, mostly NaN/Inf, ...).
+
+    Predict puts the message in its ``warning`` column; evaluation counts these per split.
+    """
+
+
+class ConstantVolumeWarning(DegenerateVolumeWarning):
     """The volume has a single intensity; the processor returns zeros."""
 
 
