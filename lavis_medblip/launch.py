@@ -24,7 +24,6 @@ from lavis.common.config import Config
 from lavis.common.dist_utils import get_rank, setup_for_distributed
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
-from lavis.common.utils import now
 
 import lavis_medblip  # noqa: F401  (registers models, processors, builders, tasks, runners)
 
@@ -76,8 +75,8 @@ def build_runner(argv: Sequence[str] | None, description: str):
         logging.warning("no CUDA device: running on CPU")
         cfg.run_cfg.device = "cpu"
     init_distributed_mode(cfg.run_cfg)
-    job_id = [now()]
-    if cfg.run_cfg.distributed:  # one output folder even when ranks start on either side of a minute
+    job_id = [datetime.datetime.now().strftime("%Y%m%d%H%M%S")]  # LAVIS's now() has 10-minute resolution
+    if cfg.run_cfg.distributed:  # one output folder even when ranks start on either side of a second
         dist.broadcast_object_list(job_id, src=0)
     job_id = job_id[0]
     setup_seeds(cfg)
