@@ -6,7 +6,7 @@ One scan (prints the diagnosis and class probabilities; ``--explain`` adds a gen
     python -m lavis_medblip.predict --model-type biomedlm_lora --checkpoint ckpt.pth \\
         --image scan.nii.gz --text "75-year-old female, MMSE 24, CDR 0.5" --explain --report out.png
 
-Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation],error``)::
+Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation],error,warning``)::
 
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --image scans_dir/ --output results.csv
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --csv cases.csv --output results.csv
@@ -24,6 +24,13 @@ What counts as a scan (``--image`` folders are searched recursively, in sorted o
   (DICOM Part 10). A ``DICOMDIR`` index is not a slice and is ignored. The reader expects one
   series per folder and reports folders that mix series.
 - names starting with "." (``.DS_Store``, macOS ``._scan.nii.gz`` copies, ``.git``) are skipped.
+- symlinks are followed; a folder reached a second time (a symlink loop) is not searched again. Symlink
+  loops, folders that cannot be listed and broken symlinks named like a volume get a row with an ``error``.
+
+The results file is written whole or not at all: rows go to a temporary file next to it, renamed over it
+when the run ends. A run that stops (``--on-error raise``, a crash, Ctrl-C) leaves an existing file as it was.
+An ``error`` row is a scan that could not be read; a ``warning`` is a scan that was read and diagnosed but is
+unlikely to be usable (constant, mostly NaN/Inf: a ``DegenerateVolumeWarning`` of the volume processor).
 
 ``--image`` names one scan when it is a file or a DICOM-series folder with no other scans in it;
 any other folder is a folder of scans.
@@ -31,12 +38,19 @@ any other folder is a folder of scans.
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import csv
+import errno
+import io
 import os
+import stat
 import sys
+import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
 
 import torch
 from lavis.common.registry import registry
@@ -46,7 +60,7 @@ from tqdm import tqdm
 
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES
-from lavis_medblip.processors.readers import DEFAULT_READERS, VolumeReadError
+from lavis_medblip.processors.readers import DEFAULT_READERS, DegenerateVolumeWarning, VolumeReadError
 from lavis_medblip.visualize import plot_volume_report
 
 DEFAULT_MODEL = "medblip"
@@ -61,12 +75,16 @@ DICOM_MAGIC_OFFSET = 128
 
 @dataclass
 class Case:
-    """One scan to diagnose: ``path`` is read, ``image`` is what the results show for it."""
+    """One scan to diagnose: ``path`` is read, ``image`` is what the results show for it.
+
+    ``error`` is set when the scan is known to be unreadable before reading (e.g. a symlink loop).
+    """
 
     case_id: str
     image: str
     path: Path
     text: str = ""
+    error: VolumeReadError | None = None
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -84,26 +102,79 @@ def is_dicom_file(path: Path) -> bool:
 
 def is_dicom_series(folder: Path) -> bool:
     """A folder that directly holds at least one DICOM file (see the module docstring)."""
-    return any(entry.is_file() and not entry.name.startswith(".") and is_dicom_file(entry)
-               for entry in folder.iterdir())
+    try:
+        entries = list(folder.iterdir())
+    except OSError:  # search_scans reports a folder it cannot list
+        return False
+    return any(entry.is_file() and not entry.name.startswith(".") and is_dicom_file(entry) for entry in entries)
 
 
-def is_volume_file(path: Path) -> bool:
-    """A file one of the volume processor's readers accepts (so the suffixes stay in sync with it)."""
-    return path.is_file() and any(reader.verify_suffix(path) for reader in DEFAULT_READERS)
+def has_volume_suffix(path: Path) -> bool:
+    """One of the volume processor's readers takes this name (so the suffixes stay in sync with it)."""
+    return any(reader.verify_suffix(path) for reader in DEFAULT_READERS)
+
+
+@dataclass
+class ScanSearch:
+    """What a folder holds: its scans, and the entries that could not be searched with the reason."""
+
+    scans: list[Path] = field(default_factory=list)
+    unsearchable: dict[Path, str] = field(default_factory=dict)
+
+
+def unsearchable_entry_problem(path: Path, error: OSError) -> str | None:
+    """Why ``path`` could not be looked at, or None when that needs no report (a broken link to a non-scan)."""
+    if error.errno == errno.ELOOP:
+        return "symlink loop; not followed"
+    if error.errno == errno.ENOENT and path.is_symlink():
+        return f"broken symlink to {os.readlink(path)}" if has_volume_suffix(path) else None
+    return f"cannot read: {error.strerror or error}"
+
+
+def search_scans(root: Path) -> ScanSearch:
+    """Every volume file and DICOM-series folder under ``root`` (including ``root``), sorted, and the
+    entries that could not be searched. Symlinks are followed, but each folder is searched once."""
+    found = ScanSearch()
+    searched: dict[tuple[int, int], Path] = {}  # (device, inode) of a folder -> the path it was searched as
+
+    def search(folder: Path) -> None:
+        try:
+            status = folder.stat()
+            first_path = searched.setdefault((status.st_dev, status.st_ino), folder)
+            if first_path != folder:
+                found.unsearchable[folder] = (f"links to {first_path}, which is already searched "
+                                              "(a symlink loop or a second link); not searched again")
+                return
+            names = sorted(os.listdir(folder))
+        except OSError as error:
+            found.unsearchable[folder] = f"cannot list folder: {error.strerror or error}"
+            return
+        if is_dicom_series(folder):
+            found.scans.append(folder)
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = folder / name
+            try:
+                mode = path.stat().st_mode
+            except OSError as error:
+                problem = unsearchable_entry_problem(path, error)
+                if problem is not None:
+                    found.unsearchable[path] = problem
+                continue
+            if stat.S_ISDIR(mode):
+                search(path)
+            elif stat.S_ISREG(mode) and has_volume_suffix(path):
+                found.scans.append(path)
+
+    search(root)
+    found.scans.sort()
+    return found
 
 
 def find_scans(root: Path) -> list[Path]:
     """Every volume file and DICOM-series folder under ``root`` (including ``root``), sorted."""
-    scans = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
-        folder_path = Path(folder)
-        if is_dicom_series(folder_path):
-            scans.append(folder_path)
-        scans += [folder_path / name for name in sorted(files)
-                  if not name.startswith(".") and is_volume_file(folder_path / name)]
-    return sorted(scans)
+    return search_scans(root).scans
 
 
 def strip_volume_suffix(name: str) -> str:
@@ -114,31 +185,81 @@ def strip_volume_suffix(name: str) -> str:
 
 
 def cases_from_folder(root: Path, text: str) -> list[Case]:
-    """Cases for every scan under ``root``; the id is the path below ``root`` without its suffix."""
+    """Cases for every scan under ``root`` and, with their error, every entry that could not be searched.
+
+    The id is the path below ``root`` without its suffix; cases are in path order.
+    """
+    found = search_scans(root)
+    errors = {path: VolumeReadError(path, problem) for path, problem in found.unsearchable.items()}
     cases = []
-    for path in find_scans(root):
+    for path in sorted([*found.scans, *errors]):
         relative = path.relative_to(root).as_posix()
         case_id = strip_volume_suffix(relative) if relative != "." else root.name
-        cases.append(Case(case_id=case_id, image=str(path), path=path, text=text))
+        cases.append(Case(case_id=case_id, image=str(path), path=path, text=text, error=errors.get(path)))
     return cases
 
 
-def cases_from_csv(csv_path: Path) -> list[Case]:
-    """Rows of a CSV with columns ``image,text`` (+ optional ``id``); images relative to the CSV's folder."""
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets add a BOM
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a byte that is not UTF-8 is an error naming the file, line and column."""
+    raw = path.read_bytes()
+    start = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0  # spreadsheets add a BOM
+    try:
+        return raw[start:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        position = start + error.start
+        line = raw.count(b"\n", 0, position) + 1
+        column = position - (raw.rfind(b"\n", 0, position) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[position]:02x} at column {column}); "
+                         "save the file as UTF-8 (in Excel: 'CSV UTF-8')") from None
+
+
+@dataclass
+class CsvCases:
+    cases: list[Case]
+    skipped: list[str]  # "file:line: problem" of each row left out
+
+
+def bad_row_problem(fields: Sequence[str], columns: Sequence[str]) -> str | None:
+    if len(fields) != len(columns):
+        return (f"{len(fields)} field(s) but the header has {len(columns)} ({','.join(columns)}); "
+                "a missing or extra comma, or an unquoted comma in the text?")
+    if not fields[columns.index("image")].strip():
+        return "empty 'image'"
+    return None
+
+
+def cases_from_csv(csv_path: Path, skip_bad_rows: bool = False) -> CsvCases:
+    """Rows of a CSV with columns ``image,text`` (+ optional ``id``); images relative to the CSV's folder.
+
+    A bad row (a missing or extra field, an empty ``image``) is an error naming the file and line, or
+    with ``skip_bad_rows`` is left out and listed in ``skipped``.
+    """
+    reader = csv.reader(io.StringIO(read_utf8(csv_path), newline=""))
+    cases, skipped = [], []
+    try:
+        columns = next((row for row in reader if row), [])  # blank lines are no rows, as in csv.DictReader
         missing = [column for column in ("image", "text") if column not in columns]
         if missing:
             raise ValueError(f"{csv_path}: missing column(s) {missing}; found {columns}")
-        cases = []
-        for line_number, row in enumerate(reader, start=2):
-            image = (row["image"] or "").strip()
-            if not image:
-                raise ValueError(f"{csv_path}:{line_number}: empty 'image'")
-            case_id = (row.get("id") or "").strip() or image
-            cases.append(Case(case_id=case_id, image=image, path=csv_path.parent / image, text=row["text"] or ""))
-    return cases
+        row_start = reader.line_num + 1
+        for fields in reader:
+            line, row_start = row_start, reader.line_num + 1  # a quoted field may span lines
+            if not fields:
+                continue
+            problem = bad_row_problem(fields, columns)
+            if problem is not None:
+                message = f"{csv_path}:{line}: {problem}"
+                if not skip_bad_rows:
+                    raise ValueError(message)
+                skipped.append(message)
+                continue
+            row = dict(zip(columns, fields))
+            image = row["image"].strip()
+            case_id = row.get("id", "").strip() or image
+            cases.append(Case(case_id=case_id, image=image, path=csv_path.parent / image, text=row["text"]))
+    except csv.Error as error:
+        raise ValueError(f"{csv_path}:{reader.line_num}: {error}") from None
+    return CsvCases(cases, skipped)
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -183,6 +304,32 @@ def load_model(config: Any, checkpoint: str | None, device: str) -> tuple[Any, A
     return model.to(device), vis_processors["eval"], txt_processors["eval"]
 
 
+@contextlib.contextmanager
+def degenerate_volume_warnings() -> Iterator[list[str]]:
+    """Collects the messages of the ``DegenerateVolumeWarning``s raised in the block; other warnings pass on."""
+    messages: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DegenerateVolumeWarning)  # a repeat from the same line is another scan
+            yield messages
+    finally:
+        for warning in caught:
+            if issubclass(warning.category, DegenerateVolumeWarning):
+                messages.append(str(warning.message))
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
+@dataclass
+class ScanRead:
+    """A case read: its volume and the "; "-joined ``DegenerateVolumeWarning`` messages, or why it failed."""
+
+    volume: Any = None
+    warning: str = ""
+    error: VolumeReadError | None = None
+
+
 @dataclass
 class Prediction:
     code: str
@@ -209,9 +356,16 @@ class Predictor:
     def __post_init__(self) -> None:
         self.answers = [CLASS_ANSWERS[code] for code in self.classes]
 
-    def read(self, path: Path) -> Any:
-        """(1, S, S, S) volume; raises ``VolumeReadError`` naming the file."""
-        return self.volume_processor(str(path))
+    def read(self, case: Case) -> ScanRead:
+        """The (1, S, S, S) volume of ``case``, or the ``VolumeReadError`` naming the file."""
+        if case.error is not None:
+            return ScanRead(error=case.error)
+        try:
+            with degenerate_volume_warnings() as degenerate:
+                volume = self.volume_processor(str(case.path))
+        except VolumeReadError as error:
+            return ScanRead(error=error)
+        return ScanRead(volume=volume, warning="; ".join(degenerate))
 
     def samples(self, volumes: Sequence[Any], texts: Sequence[str], question: str | None) -> dict[str, Any]:
         samples = {"image": torch.stack(list(volumes)).to(self.device),
@@ -241,11 +395,11 @@ class Predictor:
 
 def result_columns(classes: Sequence[str], explain: bool) -> list[str]:
     return (["id", "image", "prediction", "answer"] + [f"p_{code}" for code in classes]
-            + (["explanation"] if explain else []) + ["error"])
+            + (["explanation"] if explain else []) + ["error", "warning"])
 
 
-def result_row(case: Case, prediction: Prediction | None = None, error: str = "") -> dict[str, str]:
-    row = {"id": case.case_id, "image": case.image, "error": error}
+def result_row(case: Case, prediction: Prediction | None = None, error: str = "", warning: str = "") -> dict[str, str]:
+    row = {"id": case.case_id, "image": case.image, "error": error, "warning": warning}
     if prediction is not None:
         row.update(prediction=prediction.code, answer=prediction.answer,
                    **{f"p_{code}": f"{p:.6f}" for code, p in prediction.probabilities.items()})
@@ -270,48 +424,114 @@ def batches(cases: Sequence[Case], batch_size: int) -> Iterator[list[Case]]:
         yield list(cases[start:start + batch_size])
 
 
-def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch_size: int, on_error: str) -> int:
-    """Write one result row per case to ``output``; returns how many scans failed to read."""
+@dataclass
+class Tally:
+    diagnosed: int = 0
+    failed: int = 0  # could not be read
+    warned: int = 0  # diagnosed, with a warning
+
+
+class PredictionStopped(Exception):
+    """``--on-error raise`` met an unreadable scan: ``errors`` of its batch, ``diagnosed`` of ``total`` done."""
+
+    def __init__(self, errors: Sequence[VolumeReadError], diagnosed: int, total: int) -> None:
+        self.errors, self.diagnosed, self.total = list(errors), diagnosed, total
+        others = "".join(f"; also unreadable: {error}" for error in errors[1:])
+        super().__init__(f"cannot read scan {errors[0]}{others}; stopped with {diagnosed} of {total} scans diagnosed")
+
+
+def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch_size: int, on_error: str) -> Tally:
+    """Write one result row per case to ``output``.
+
+    With ``on_error="raise"`` the batch holding the first unreadable scan is still read and scored
+    whole, its diagnosed rows written, and then :class:`PredictionStopped` names every failure in it.
+    """
     writer = results_writer(predictor, output)
-    failed = 0
+    tally = Tally()
     with tqdm(total=len(cases), unit="scan", desc="diagnosing", file=sys.stderr) as progress:
         for batch in batches(cases, batch_size):
-            rows: list[dict[str, str] | None] = [None] * len(batch)  # input order, failures included
-            readable, volumes = [], []
-            for index, case in enumerate(batch):
-                try:
-                    volumes.append(predictor.read(case.path))
-                    readable.append(index)
-                except VolumeReadError as error:
-                    if on_error == "raise":
-                        raise
-                    failed += 1
-                    rows[index] = result_row(case, error=str(error))
-                    progress.write(f"could not read {error}", file=sys.stderr)
+            scans = [predictor.read(case) for case in batch]
+            readable = [index for index, scan in enumerate(scans) if scan.error is None]
+            predictions: dict[int, Prediction] = {}
             if readable:
-                predictions = predictor.predict(volumes, [batch[index].text for index in readable])
-                for index, prediction in zip(readable, predictions):
-                    rows[index] = result_row(batch[index], prediction)
+                scored = predictor.predict([scans[index].volume for index in readable],
+                                           [batch[index].text for index in readable])
+                predictions = dict(zip(readable, scored))
+            rows = [result_row(case, predictions[index], warning=scan.warning) if index in predictions
+                    else result_row(case, error=str(scan.error))
+                    for index, (case, scan) in enumerate(zip(batch, scans))]
+            for scan in scans:
+                if scan.error is not None:
+                    progress.write(f"could not read {scan.error}", file=sys.stderr)
+                elif scan.warning:
+                    progress.write(f"warning: {scan.warning}", file=sys.stderr)
+            errors = [scan.error for scan in scans if scan.error is not None]
+            tally.diagnosed += len(readable)
+            tally.warned += sum(1 for index in readable if scans[index].warning)
+            if errors and on_error == "raise":
+                writer.writerows(rows[index] for index in readable)
+                raise PredictionStopped(errors, tally.diagnosed, len(cases))
+            tally.failed += len(errors)
             writer.writerows(rows)
-            output.flush()  # a long run that stops keeps the rows written so far
+            output.flush()  # rows on stdout show up as they are done
             progress.update(len(batch))
-    return failed
+    return tally
 
 
-def write_results(path: Path | None, write: Callable[[TextIO], int]) -> int:
-    """Call ``write`` with the results file at ``path`` (stdout when None); returns its result."""
+def new_file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask."""
+    with contextlib.suppress(FileNotFoundError):
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)  # reading the umask means setting it
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_text_file(path: Path) -> Iterator[TextIO]:
+    """A text file that appears at ``path`` whole when the block succeeds; if it fails ``path`` is untouched.
+
+    The block writes a uniquely named temporary file in the same folder (``os.replace`` is atomic
+    within one filesystem), removed on failure.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with open(descriptor, "w", newline="", encoding="utf-8") as output:
+            yield output
+            output.flush()
+            os.fsync(output.fileno())  # the rows are on disk before the name points at them
+        os.chmod(temporary, new_file_mode(path))  # mkstemp makes it 0o600
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+Written = TypeVar("Written")
+
+
+def write_results(path: Path | None, write: Callable[[TextIO], Written]) -> Written:
+    """Call ``write`` with the results file at ``path`` (stdout when None); returns its result.
+
+    The file is replaced only when ``write`` succeeds (see :func:`atomic_text_file`).
+    """
     if path is None:
         return write(sys.stdout)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as output:
+    with atomic_text_file(path) as output:
         return write(output)
 
 
-def run_single(predictor: Predictor, case: Case, report: Path | None, output: TextIO) -> Prediction:
-    """Print the diagnosis of one scan (raises ``VolumeReadError`` naming the file)."""
-    volume = predictor.read(case.path)
-    (prediction,) = predictor.predict([volume], [case.text])
+def run_single(predictor: Predictor, case: Case, report: Path | None, output: TextIO) -> dict[str, str]:
+    """Print the diagnosis of one scan and return its results row (raises ``VolumeReadError`` naming the file)."""
+    scan = predictor.read(case)
+    if scan.error is not None:
+        raise scan.error
+    (prediction,) = predictor.predict([scan.volume], [case.text])
     print(f"scan: {case.image}", file=output)
+    if scan.warning:
+        print(f"warning: {scan.warning}", file=output)
     print(f"diagnosis: {prediction.code} ({prediction.answer})", file=output)
     print("probabilities:", file=output)
     width = max(len(answer) for answer in predictor.answers)
@@ -322,9 +542,20 @@ def run_single(predictor: Predictor, case: Case, report: Path | None, output: Te
     if report is not None:
         probabilities = [prediction.probabilities[code] for code in predictor.classes]
         title = f"{Path(case.image).name}: {prediction.code} ({prediction.answer}), p={max(probabilities):.2f}"
-        plot_volume_report(volume[0].float().cpu().numpy(), probabilities, predictor.classes, report, title)
+        plot_volume_report(scan.volume[0].float().cpu().numpy(), probabilities, predictor.classes, report, title)
         print(f"report: {report}", file=output)
-    return prediction
+    return result_row(case, prediction, warning=scan.warning)
+
+
+def summary(tally: Tally, total: int, output: Path | None, skipped_rows: int) -> str:
+    where = f" to {output}" if output is not None else ""
+    parts = [f"{tally.diagnosed} of {total} scans diagnosed{where}",
+             f"{tally.failed} could not be read" + (" (see the error column)" if tally.failed else "")]
+    if tally.warned:
+        parts.append(f"{tally.warned} with a warning (see the warning column)")
+    if skipped_rows:
+        parts.append(f"{skipped_rows} CSV row(s) skipped (listed above)")
+    return "; ".join(parts)
 
 
 # ---- command line -----------------------------------------------------------------------------------
@@ -369,13 +600,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     outputs = parser.add_argument_group("output")
     outputs.add_argument("--output", type=Path,
-                         help="results CSV (id,image,prediction,answer,p_<class>...,error); for a folder or --csv "
-                              "the default is stdout, for one scan the default is none")
+                         help="results CSV (id,image,prediction,answer,p_<class>...,error,warning), replaced only "
+                              "when the run succeeds; for a folder or --csv the default is stdout, for one scan "
+                              "the default is none")
     outputs.add_argument("--report", type=Path, help="one scan only: write a PNG with slices and probabilities")
     outputs.add_argument("--batch-size", type=int, default=4, help="scans per forward pass (default: 4)")
     outputs.add_argument("--on-error", choices=("skip", "raise"), default="skip",
-                         help="a scan that cannot be read: 'skip' records it in the error column and goes on "
-                              "(default), 'raise' stops with a message naming the file")
+                         help="a scan that cannot be read, or a --csv row with a missing or extra field: 'skip' "
+                              "records the scan in the error column and the row as a line on stderr, and goes on "
+                              "(default); 'raise' stops with a message naming the file (and line), leaving "
+                              "--output as it was")
     return parser
 
 
@@ -405,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_arguments(parser, args)
 
     single = args.image is not None and names_one_scan(args.image)
+    skipped_rows: list[str] = []
     if args.report is not None and not single:
         parser.error("--report works with one scan (--image FILE)")
     if single:
@@ -415,9 +650,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{args.image}: no scans found (see --help for what counts as a scan)")
     else:
         try:
-            cases = cases_from_csv(args.csv)
+            from_csv = cases_from_csv(args.csv, skip_bad_rows=args.on_error == "skip")
         except ValueError as error:
             parser.error(str(error))
+        cases, skipped_rows = from_csv.cases, from_csv.skipped
+        for message in skipped_rows:
+            print(f"skipped row {message}", file=sys.stderr)
+        if not cases and skipped_rows:
+            parser.error(f"{args.csv}: no usable rows ({len(skipped_rows)} skipped)")
 
     try:
         config = load_config(args.model_type, args.options)
@@ -431,19 +671,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if single:
-            prediction = run_single(predictor, cases[0], args.report, sys.stdout)
+            row = run_single(predictor, cases[0], args.report, sys.stdout)
             if args.output is not None:
-                row = result_row(cases[0], prediction)
                 write_results(args.output, lambda output: write_rows(predictor, output, [row]))
             return 0
-        failed = write_results(args.output,
-                               lambda output: run_batch(predictor, cases, output, args.batch_size, args.on_error))
+        tally = write_results(args.output,
+                              lambda output: run_batch(predictor, cases, output, args.batch_size, args.on_error))
     except VolumeReadError as error:
         print(f"error: cannot read scan {error}", file=sys.stderr)
         return 1
-    where = f" to {args.output}" if args.output is not None else ""
-    print(f"{len(cases) - failed} of {len(cases)} scans diagnosed{where}; {failed} could not be read"
-          + (" (see the error column)" if failed else ""), file=sys.stderr)
+    except PredictionStopped as stopped:
+        kept = (f"{args.output} not written (an existing file is left as it was)" if args.output is not None
+                else "only the rows above were written")
+        print(f"error: {stopped}; {kept}", file=sys.stderr)
+        return 1
+    print(summary(tally, len(cases), args.output, len(skipped_rows)), file=sys.stderr)
     return 0
 
 
