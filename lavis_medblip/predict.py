@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES
+from lavis_medblip.models.weights import CheckpointError
 from lavis_medblip.processors.readers import DEFAULT_READERS, DegenerateVolumeWarning, VolumeReadError
 from lavis_medblip.visualize import plot_volume_report
 
@@ -664,7 +665,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     device = args.device or default_device()
-    model, volume_processor, text_processor = load_model(config, args.checkpoint, device)
+    try:
+        model, volume_processor, text_processor = load_model(config, args.checkpoint, device)
+    except CheckpointError as error:
+        print(f"error: cannot load the checkpoint {error}", file=sys.stderr)
+        return 1
     predictor = Predictor(model, volume_processor, text_processor, args.classes, device, question=args.question,
                           explain=args.explain, explain_question=args.explain_question,
                           max_new_tokens=args.max_new_tokens)

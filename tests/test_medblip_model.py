@@ -168,7 +168,7 @@ def test_checkpoint_holds_trainable_parameters_and_reproduces_outputs(tiny_confi
     path = tmp_path / "medblip_tiny.pth"
     trained.save_checkpoint(path)
 
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     trainable = {name for name, p in trained.named_parameters() if p.requires_grad}
     assert set(saved["model"]) == trainable
     assert saved["config"]["model_type"] == "tiny"

@@ -42,18 +42,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_same_data_order(
     annotations = write_small_cohort(tmp_path / "cohort", {"train": 12, "val": 3})
 
     launch("lavis_medblip.train", training_config(annotations, tmp_path / "uninterrupted"), tmp_path / "a.yaml")
-    reference = torch.load(only_job_dir(tmp_path / "uninterrupted") / "checkpoint_latest.pth", weights_only=False)
+    reference = torch.load(only_job_dir(tmp_path / "uninterrupted") / "checkpoint_latest.pth", weights_only=True)
 
     start_and_kill_during_epoch(training_config(annotations, tmp_path / "killed"), tmp_path / "b.yaml", epoch=2)
     killed_dir = only_job_dir(tmp_path / "killed")
-    assert torch.load(killed_dir / "checkpoint_latest.pth", weights_only=False)["epoch"] == 1  # epoch 2 never finished
+    assert torch.load(killed_dir / "checkpoint_latest.pth", weights_only=True)["epoch"] == 1  # epoch 2 never finished
     assert not list(killed_dir.glob(".*.tmp"))
 
     result = launch("lavis_medblip.train", training_config(annotations, tmp_path / "resumed"), tmp_path / "c.yaml",
                     f"run.resume_ckpt_path={killed_dir / 'checkpoint_latest.pth'}")
     assert "continuing at epoch 2" in result.stderr
     assert "Train: data epoch: [0]" not in result.stdout and "Train: data epoch: [2]" in result.stdout
-    resumed = torch.load(only_job_dir(tmp_path / "resumed") / "checkpoint_latest.pth", weights_only=False)
+    resumed = torch.load(only_job_dir(tmp_path / "resumed") / "checkpoint_latest.pth", weights_only=True)
     assert resumed["epoch"] == reference["epoch"] == 2
     for name, weights in reference["model"].items():
         torch.testing.assert_close(resumed["model"][name], weights, rtol=0, atol=0, msg=name)

@@ -74,7 +74,7 @@ def test_pretraining_logs_each_loss_term_counts_skipped_scans_and_keeps_checkpoi
         assert {"train_loss", "train_loss_itc_text", "train_loss_itc_qa", "train_loss_lm"} <= set(entry)
         assert entry["train_num_skipped"] == 2  # the two unreadable scans, counted each epoch
 
-    checkpoint = torch.load(pretrained_run / "checkpoint_latest.pth", weights_only=False)
+    checkpoint = torch.load(pretrained_run / "checkpoint_latest.pth", weights_only=True)
     assert checkpoint["epoch"] == 1
     assert not any(key.startswith("visual_encoder.blocks.") for key in checkpoint["model"])  # frozen: not saved
     assert not any(key.startswith("language_model.") and "lora_" not in key for key in checkpoint["model"])

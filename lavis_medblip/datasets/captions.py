@@ -72,11 +72,12 @@ class CaptionDataset(SkippingDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record = self.records[index]
-        image = process_or_skip(self._read_image, record.image, self.on_error, f"sample {index} ({record.instance_id})")
+        image, warning = process_or_skip(self._read_image, record.image, self.on_error,
+                                         f"sample {index} ({record.instance_id})")
         if image is None:
             return None
         return {"image": image, "text_input": self.text_processor(record.caption), "caption": record.caption,
-                "instance_id": record.instance_id}
+                "instance_id": record.instance_id, "warning": warning}
 
 
 

@@ -2,42 +2,61 @@
 
 A dataset (a :class:`SkippingDataset`) reads its scan with :func:`process_or_skip` and returns
 ``None`` for a skipped sample; :func:`collate_skipping` drops those and counts them in
-``num_skipped`` for the run's log.
+``num_skipped`` for the run's log. A scan that reads but raised a
+:class:`~lavis_medblip.processors.readers.DegenerateVolumeWarning` (constant, mostly NaN, ...)
+is kept; its sample's ``warning`` says why, and the batch's ``num_degenerate`` counts them.
 """
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from lavis_medblip.processors.readers import VolumeReadError
+from lavis_medblip.processors.readers import DegenerateVolumeWarning, VolumeReadError
 
 logger = logging.getLogger(__name__)
 
 
-def process_or_skip(processor: Callable[[str], torch.Tensor], path: Any, on_error: str, where: str) -> torch.Tensor | None:
-    """``processor(path)``; on failure raise :class:`VolumeReadError` naming ``path`` and ``where``
-    (e.g. "sample 3 (row 17)"), or log and return ``None`` when ``on_error`` is ``"skip"``."""
+def process_or_skip(processor: Callable[[str], torch.Tensor], path: Any, on_error: str,
+                    where: str) -> tuple[torch.Tensor | None, str]:
+    """``(processor(path), warning)``; on failure raise :class:`VolumeReadError` naming ``path`` and
+    ``where`` (e.g. "sample 3 (row 17)"), or log and return ``(None, "")`` when ``on_error`` is ``"skip"``.
+
+    ``warning`` joins the messages of any :class:`DegenerateVolumeWarning` (else ""); other
+    warnings pass through as usual.
+    """
     try:
-        return processor(str(path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            image = processor(str(path))
     except (OSError, ValueError, RuntimeError) as error:
         problem = error.problem if isinstance(error, VolumeReadError) else f"{type(error).__name__}: {error}"
         if on_error == "raise":
             raise VolumeReadError(path, f"{where}: {problem}") from error
         logger.warning("skipped %s (%s): %s", where, path, problem)
-        return None
+        return None, ""
+    degenerate = [str(w.message) for w in caught if issubclass(w.category, DegenerateVolumeWarning)]
+    for other in caught:
+        if not issubclass(other.category, DegenerateVolumeWarning):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    for message in degenerate:
+        logger.warning("%s (%s): %s", where, path, message)
+    return image, "; ".join(degenerate)
 
 
 def collate_skipping(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
-    """Stack a batch, dropping ``None`` samples; ``num_skipped`` says how many were dropped.
+    """Stack a batch, dropping ``None`` samples; ``num_skipped`` says how many were dropped and
+    ``num_degenerate`` how many kept ones carry a ``warning``.
 
     Tensors are stacked, integers become a long tensor, everything else stays a list. A batch
-    whose samples were all skipped holds ``num_skipped`` only.
+    whose samples were all skipped holds the two counts only.
     """
     kept = [sample for sample in samples if sample is not None]
-    batch: dict[str, Any] = {"num_skipped": len(samples) - len(kept)}
+    batch: dict[str, Any] = {"num_skipped": len(samples) - len(kept),
+                             "num_degenerate": sum(1 for sample in kept if sample.get("warning"))}
     for key in kept[0] if kept else ():
         values = [sample[key] for sample in kept]
         if isinstance(values[0], torch.Tensor):

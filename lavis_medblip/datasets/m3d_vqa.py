@@ -158,7 +158,8 @@ class M3DVQADataset(SkippingDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record, image_path = self.records[index]
-        image = process_or_skip(self.vis_processor, image_path, self.on_error, f"sample {index} (row {record.source})")
+        image, warning = process_or_skip(self.vis_processor, image_path, self.on_error,
+                                         f"sample {index} (row {record.source})")
         if image is None:
             return None
         if self.mode == "closed":
@@ -178,6 +179,7 @@ class M3DVQADataset(SkippingDataset):
             "answer": record.answer,
             "raw_question": record.question,
             "instance_id": record.instance_id,
+            "warning": warning,
         }
 
 

@@ -69,7 +69,7 @@ class MRIAnnotationDataset(SkippingDataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         record, image_path = self.records[index]
-        image = process_or_skip(self.vis_processor, image_path, self.on_error, f"sample {index} of this dataset")
+        image, warning = process_or_skip(self.vis_processor, image_path, self.on_error, f"sample {index} of this dataset")
         if image is None:
             return None
         label = self.class_names.index(record.label) if record.label is not None else -1
@@ -82,5 +82,6 @@ class MRIAnnotationDataset(SkippingDataset):
             "instance_id": f"{record.subject_id}/{record.visit}" if record.visit else record.subject_id,
             "subject_id": record.subject_id,
             "site": record.site,
+            "warning": warning,
         }
 

@@ -38,7 +38,7 @@ from lavis.models.med import BertConfig, XBertLMHeadDecoder
 from lavis.models.vit import VisionTransformerEncoder, interpolate_pos_embed
 
 from lavis_medblip.assets import BERT_UNCASED_VOCAB_DIR
-from lavis_medblip.models.weights import read_state_dict
+from lavis_medblip.models.weights import check_fits, read_checkpoint, read_state_dict, state_dict_of
 
 logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -181,9 +181,8 @@ class MedBLIPCaption(BlipCaption):
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """A checkpoint of trainable parameters (our runner's) or a full state dict; unknown keys are errors."""
-        state_dict = read_state_dict(url_or_filename, key="finetuned")
-        unexpected = sorted(set(state_dict) - set(self.state_dict()))
-        if unexpected:
-            raise KeyError(f"{url_or_filename}: keys this medblip_caption model does not have: {unexpected[:5]}")
+        checkpoint = read_checkpoint(url_or_filename, key="finetuned")
+        check_fits(url_or_filename, checkpoint, self.state_dict(), this_model="medblip_caption")
+        state_dict = state_dict_of(checkpoint, url_or_filename)
         self.load_state_dict(state_dict, strict=False)
         logger.info("loaded %d tensors from %s", len(state_dict), url_or_filename)

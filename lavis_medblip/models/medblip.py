@@ -36,7 +36,15 @@ from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
 from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import PROMPT_SEGMENTS, LanguageModel
 from lavis_medblip.models.vision_3d import build_vit_3d, freeze_vit_blocks, load_vit_weights
-from lavis_medblip.models.weights import from_pretrained_or_explain, read_state_dict
+from lavis_medblip.models.weights import (
+    check_fits,
+    from_pretrained_or_explain,
+    read_checkpoint,
+    read_state_dict,
+    model_name,
+    save_checkpoint_file,
+    state_dict_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -430,22 +438,20 @@ class MedBLIP(Blip2Base):
         return {name: p.detach().cpu() for name, p in self.named_parameters() if name in keys}
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """:meth:`checkpoint_state_dict` plus the model config; loads on top of the frozen backbones."""
-        torch.save({"model": self.checkpoint_state_dict(), "config": getattr(self, "config", None)}, path)
+        """:meth:`checkpoint_state_dict` plus the model config, written atomically; loads on top of the frozen backbones."""
+        save_checkpoint_file({"model": self.checkpoint_state_dict(), "config": getattr(self, "config", None)}, path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load a checkpoint of trainable parameters (ours, or a LAVIS runner's).
 
-        Unexpected keys and missing trainable keys are errors; frozen weights come from the backbones.
+        Unexpected keys, missing trainable keys and shape mismatches are a :class:`CheckpointError`
+        (see :func:`check_fits`); frozen weights come from the backbones.
         """
-        state_dict = read_state_dict(url_or_filename, key="finetuned")
-        own = self.state_dict()
-        unexpected = [key for key in state_dict if key not in own]
+        checkpoint = read_checkpoint(url_or_filename, key="finetuned")
+        state_dict = state_dict_of(checkpoint, url_or_filename)
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = sorted(trainable - set(state_dict))
-        if unexpected or missing:
-            raise RuntimeError(f"checkpoint {url_or_filename} does not fit this model: "
-                               f"unexpected keys {unexpected[:10]}, missing trainable keys {missing[:10]}")
+        check_fits(url_or_filename, checkpoint, self.state_dict(), required=trainable,
+                   this_model=model_name(getattr(self, "config", None)))
         self.load_state_dict(state_dict, strict=False)
         self.finetuned_keys |= set(state_dict)
         logger.info("Loaded %d tensors from %s", len(state_dict), url_or_filename)

@@ -7,10 +7,11 @@ differs, and why:
 - DDP gets no ``device_ids`` on CPU, loaders no CUDA streams or pinned memory;
 - every epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches;
 - checkpoints hold the trained parameters only (trainable now, or loaded from an earlier stage's
-  checkpoint), are written atomically (temp file, then rename), and ``checkpoint_latest.pth`` /
+  checkpoint), are written atomically (temp file, then rename) and read with ``weights_only=True``, and ``checkpoint_latest.pth`` /
   ``checkpoint_best.pth`` are kept; resume restores model, optimizer, scaler, epoch, best metric
   and RNG states;
-- ``output_dir`` is absolute or relative to the working directory, never inside site-packages;
+- ``output_dir`` is absolute or relative to the working directory, never inside site-packages, and
+  each run gets a folder of its own (LAVIS's job folders are named to the 10 minutes);
 - barriers are guarded, so one process without a process group works;
 - ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
   start random learn faster than pretrained ones); LAVIS's schedulers set one lr for every
@@ -20,8 +21,8 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import itertools
 import logging
-import os
 import random
 import time
 from pathlib import Path
@@ -39,6 +40,7 @@ from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 
 from lavis_medblip.datasets.collate import collate_skipping
+from lavis_medblip.models.weights import CheckpointError, read_checkpoint, save_checkpoint_file
 
 logger = logging.getLogger(__name__)
 
@@ -192,12 +194,17 @@ class MedBLIPRunner(RunnerBase):
         return loaders
 
     def setup_output_dir(self) -> None:
-        output_dir = Path(self.config.run_cfg.output_dir).expanduser().resolve() / self.job_id
+        """A new ``<output_dir>/<job_id>`` (``<job_id>_2``, ... if taken): runs never share a folder."""
+        job_dir = [str(make_unique_dir(Path(self.config.run_cfg.output_dir).expanduser().resolve(), self.job_id))
+                   if is_main_process() else None]
+        if is_dist_avail_and_initialized():
+            dist.broadcast_object_list(job_dir, src=0)
+        output_dir = Path(job_dir[0])
         result_dir = output_dir / "result"
         result_dir.mkdir(parents=True, exist_ok=True)
         for name, path in (("result_dir", result_dir), ("output_dir", output_dir)):
             registry.mapping["paths"][name] = str(path)  # LAVIS refuses to re-register a path
-        self.result_dir, self.output_dir = result_dir, output_dir
+        self.result_dir, self.output_dir, self.job_id = result_dir, output_dir, output_dir.name
 
     @property
     def evaluate_only(self) -> bool:
@@ -254,13 +261,13 @@ class MedBLIPRunner(RunnerBase):
             "best_agg_metric": self.best_agg_metric,
             "best_epoch": self.best_epoch,
             "config": self.config.to_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_states(),
         }
         latest = self.output_dir / "checkpoint_latest.pth"
-        _atomic_save(state, latest)
+        save_checkpoint_file(state, latest)
         logger.info("Saved epoch %d checkpoint (trained parameters only) to %s", cur_epoch, latest)
         if is_best:
-            _atomic_save(state, self.output_dir / "checkpoint_best.pth")
+            save_checkpoint_file(state, self.output_dir / "checkpoint_best.pth")
 
     def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
         path = self.output_dir / "checkpoint_best.pth"
@@ -272,7 +279,11 @@ class MedBLIPRunner(RunnerBase):
         """Resume: model (trainable parameters), optimizer, scaler, epoch, best metric, RNG states."""
         model = self.unwrap_dist_model(self.model)
         model.load_checkpoint(url_or_filename)
-        checkpoint = torch.load(url_or_filename, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(url_or_filename, key="resume_ckpt_path")
+        missing = [key for key in ("optimizer", "epoch") if key not in checkpoint]
+        if missing:
+            raise CheckpointError(url_or_filename, f"cannot resume from it: no {missing} (a model-only checkpoint? "
+                                                   "load it with model.finetuned instead)")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
@@ -280,9 +291,7 @@ class MedBLIPRunner(RunnerBase):
         self.best_agg_metric = checkpoint.get("best_agg_metric", float("-inf"))
         self.best_epoch = checkpoint.get("best_epoch", -1)
         if "rng" in checkpoint:
-            torch.set_rng_state(checkpoint["rng"]["torch"])
-            np.random.set_state(checkpoint["rng"]["numpy"])
-            random.setstate(checkpoint["rng"]["python"])
+            set_rng_states(checkpoint["rng"])
         logger.info("Resumed from %s: continuing at epoch %d", url_or_filename, self.start_epoch)
 
 
@@ -293,8 +302,34 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _atomic_save(state: dict, path: Path) -> None:
-    """Write next to the target, then rename: a killed run never leaves a half-written checkpoint."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+def make_unique_dir(parent: Path, name: str) -> Path:
+    """Create ``parent/name``, or ``parent/name_2``, ``_3``, ... when taken (atomically: ``mkdir`` fails if it exists)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        candidate = parent / (name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def rng_states() -> dict[str, Any]:
+    """torch, numpy and Python RNG states as tensors and plain values (what ``weights_only`` loads)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)}
+    return {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+
+
+def set_rng_states(states: Mapping[str, Any]) -> None:
+    """Restore :func:`rng_states` (or the numpy tuple that checkpoints before 2026-12-04 hold)."""
+    torch.set_rng_state(states["torch"])
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["position"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)
+    python_state = states["python"]
+    random.setstate((python_state[0], tuple(python_state[1]), python_state[2]))

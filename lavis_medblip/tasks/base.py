@@ -1,5 +1,10 @@
-"""What every MedBLIP task shares: a training epoch that logs each loss term, and an evaluation
-loop that runs on CPU as on GPU.
+"""What every MedBLIP task shares: a training epoch that logs each loss term, an evaluation loop
+that runs on CPU as on GPU, and one count of what was skipped per split.
+
+Skips are counted once, per split, in the run log, the metrics JSON and the console:
+``num_skipped`` = ``num_skipped_annotations`` (lines dropped while reading the split's
+annotation files) + ``num_skipped_samples`` (scans that failed to load, this epoch);
+``num_degenerate`` counts scans kept with a warning (constant, mostly NaN, ...).
 
 LAVIS's own loop logs only the total loss, and its end-of-epoch sync and evaluation assume CUDA;
 these two loops are ours, and everything else (optimizer, schedulers, MetricLogger with ETA,
@@ -54,6 +59,39 @@ class MedBLIPTask(BaseTask):
     #: the loss terms the model's output holds, logged each step and averaged per epoch
     loss_terms: tuple[str, ...] = LOSS_TERMS
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.skipped_annotations: dict[str, int] = {}  # split -> annotation lines skipped while reading it
+        self.train_splits: list[str] = ["train"]
+        self.eval_counts = {"num_skipped_samples": 0, "num_degenerate": 0}
+
+    def build_datasets(self, cfg: Any) -> dict:
+        """LAVIS's, then count each split's skipped annotation lines (summed over datasets) and say so."""
+        datasets = super().build_datasets(cfg)
+        self.train_splits = list(cfg.run_cfg.get("train_splits", ["train"]))
+        for splits in datasets.values():
+            for split, dataset in splits.items():
+                count = len(getattr(dataset, "skipped_annotations", ()))
+                self.skipped_annotations[split] = self.skipped_annotations.get(split, 0) + count
+        for split, count in self.skipped_annotations.items():
+            if count:
+                logger.warning("split %s: %d annotation line(s) skipped (on_error: skip); see the warnings above",
+                               split, count)
+        return datasets
+
+    def skip_counts(self, splits: list[str], num_skipped_samples: int, num_degenerate: int) -> dict[str, int]:
+        """The counts of the module docstring for ``splits`` (the training splits, or one evaluated split)."""
+        annotations = sum(self.skipped_annotations.get(split, 0) for split in splits)
+        return {"num_skipped": annotations + num_skipped_samples, "num_skipped_annotations": annotations,
+                "num_skipped_samples": num_skipped_samples, "num_degenerate": num_degenerate}
+
+    def eval_skip_counts(self, split_name: str) -> dict[str, int]:
+        """:meth:`skip_counts` of the split just evaluated, logged when any is non-zero."""
+        counts = self.skip_counts([split_name], **self.eval_counts)
+        if any(counts.values()):
+            logger.warning("%s: %s", split_name, counts)
+        return counts
+
     def train_epoch(
         self,
         epoch: int,
@@ -75,13 +113,14 @@ class MedBLIPTask(BaseTask):
         trainable = [p for p in model.parameters() if p.requires_grad]
         device = trainable[0].device
         totals = dict.fromkeys(self.loss_terms, 0.0)
-        steps = skipped = 0
+        steps = skipped = degenerate = 0
 
         step_log = StepLog()
         logger.info("Start training epoch %d, %d iters per epoch.", epoch, iters_per_epoch)
         for i in metric_logger.log_every(range(iters_per_epoch), log_freq, f"Train: data epoch: [{epoch}]"):
             samples = next(data_iter)
             skipped += samples.pop("num_skipped", 0)
+            degenerate += samples.pop("num_degenerate", 0)
             lr_scheduler.step(cur_epoch=epoch, cur_step=i)
             if "image" not in samples:
                 # every sample of the batch was skipped: a zero loss keeps DDP's all-reduce in step
@@ -110,30 +149,31 @@ class MedBLIPTask(BaseTask):
                 step_log.write({"epoch": epoch, "step": i, "lr": optimizer.param_groups[0]["lr"], **values})
 
         step_log.close()
-        summed = all_reduce_sum([*totals.values(), steps, skipped], device)
-        steps, skipped = int(summed[-2]), int(summed[-1])
+        summed = all_reduce_sum([*totals.values(), steps, skipped, degenerate], device)
+        steps, skipped, degenerate = (int(value) for value in summed[-3:])
         stats = {term: round(total / max(steps, 1), 4) for term, total in zip(self.loss_terms, summed)}
+        counts = self.skip_counts(self.train_splits, skipped, degenerate)
         stats.update(lr=optimizer.param_groups[0]["lr"], iters_per_epoch=iters_per_epoch, num_steps=steps,
-                     num_skipped=skipped, world_size=get_world_size())
+                     **counts, world_size=get_world_size())
         logger.info("Averaged stats (all ranks): %s", stats)
-        if skipped:
-            logger.warning("epoch %d: %d sample(s) skipped (on_error: skip); see the warnings above", epoch, skipped)
+        if counts["num_skipped"] or degenerate:
+            logger.warning("epoch %d: %s; see the warnings above", epoch, counts)
         return stats
 
     def evaluation(self, model: torch.nn.Module, data_loader: Any, cuda_enabled: bool | None = None) -> list[dict]:
         if cuda_enabled is None:
             cuda_enabled = next(model.parameters()).device.type == "cuda"
         metric_logger = MetricLogger(delimiter="  ")
-        results, skipped = [], 0
+        results, skipped, degenerate = [], 0, 0
         for samples in metric_logger.log_every(data_loader, 10, "Evaluation"):
             skipped += samples.pop("num_skipped", 0)
+            degenerate += samples.pop("num_degenerate", 0)
             if "image" not in samples:
                 continue
             samples = prepare_sample(samples, cuda_enabled=cuda_enabled)
             results.extend(self.valid_step(model=model, samples=samples))
-        self.eval_num_skipped = int(all_reduce_sum([skipped], next(model.parameters()).device)[0])
-        if self.eval_num_skipped:
-            logger.warning("evaluation: %d sample(s) skipped (on_error: skip)", self.eval_num_skipped)
+        skipped, degenerate = (int(value) for value in all_reduce_sum([skipped, degenerate], next(model.parameters()).device))
+        self.eval_counts = {"num_skipped_samples": skipped, "num_degenerate": degenerate}
         return results
 
     def gather_results(self, val_result: list[dict], split_name: str, epoch: Any, name: str = "predictions",

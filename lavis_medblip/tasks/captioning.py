@@ -107,7 +107,7 @@ class MedBLIPCaptioningTask(MedBLIPTask):
         if not self.compute_meteor:
             metrics["meteor"] = "not computed: run.compute_meteor is false"
         metrics["agg_metrics"] = metrics.get("cider", 0.0) + metrics.get("bleu_4", 0.0)
-        metrics.update(num_skipped=getattr(self, "eval_num_skipped", 0), captions_file=result_file,
+        metrics.update(**self.eval_skip_counts(split_name), captions_file=result_file,
                        tokenization="lowercase [a-z0-9]+ words (not the PTB tokenizer)")
         self.write_metrics(metrics, split_name, epoch)
         logger.info("%s captioning: %s", split_name,

@@ -72,7 +72,7 @@ class MedBLIPClassificationTask(MedBLIPTask):
             [row["label"] for row in merged], [row["prediction"] for row in merged], self.class_names,
             scores=np.array([row["scores"] for row in merged]) if merged else None,
         )
-        metrics.update(agg_metrics=metrics["balanced_accuracy"], mode=self.mode, num_skipped=self.eval_num_skipped,
+        metrics.update(agg_metrics=metrics["balanced_accuracy"], mode=self.mode, **self.eval_skip_counts(split_name),
                        predictions_file=result_file)
         stem = self.write_metrics(metrics, split_name, epoch)
         plot_confusion_matrix(metrics["confusion_matrix"], f"{stem}_confusion.png",

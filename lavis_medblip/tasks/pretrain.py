@@ -30,7 +30,7 @@ class MedBLIPPretrainTask(MedBLIPTask):
             return None
         count = sum(row["count"] for row in merged)
         metrics = {term: sum(row[term] for row in merged) / max(count, 1) for term in LOSS_TERMS}
-        metrics.update(agg_metrics=-metrics["loss"], num_samples=count, num_skipped=self.eval_num_skipped)
+        metrics.update(agg_metrics=-metrics["loss"], num_samples=count, **self.eval_skip_counts(split_name))
         with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as handle:
             handle.write(json.dumps({split_name: metrics}) + "\n")
         return metrics

@@ -130,7 +130,7 @@ class MedBLIPVQATask(MedBLIPTask):
         if merged is None:
             return None
         metrics = self.vqa_metrics(merged)
-        metrics.update(num_skipped=self.eval_num_skipped, predictions_file=result_file)
+        metrics.update(**self.eval_skip_counts(split_name), predictions_file=result_file)
         self.write_metrics(metrics, split_name, epoch)
         logger.info("%s (%s): %s", split_name, metrics["method"],
                     {key: metrics[key] for key in ("num_samples", "accuracy", "bleu_1", "rouge_1") if key in metrics})
