@@ -4,7 +4,8 @@ Builds the project's datasets as ``lavis_medblip.train`` does (the same YAML and
 every image once through its split's processor, in ``N`` DataLoader workers. Resampling and template
 registration then happen here, in parallel and once, rather than inside the first epoch of training
 (and once per rank). Only processors with a ``cache_dir`` are warmed; the cache is safe to share
-between processes (see ``processors/volume_cache.py``). An image that fails is counted and named in
+between processes, two ``warm_cache`` runs on one directory at once included (see
+``processors/volume_cache.py``). An image that fails is counted and named in
 the log; training then applies the dataset's ``on_error``.
 """
 from __future__ import annotations

@@ -462,9 +462,9 @@ def bad_inputs(tmp_path: Path, icbm: nib.Nifti1Image) -> dict[str, tuple[Path, s
     cases["zero-size"] = (tmp_path / "empty.npy", "empty volume")
     complex_data = data[::4, ::4, ::4].astype(np.complex64)
     cases["complex"] = (save(nib.Nifti1Image(complex_data, icbm.affine), tmp_path / "complex.nii"), "complex")
-    np.save(tmp_path / "strings.npy", np.full((4, 4, 4), "a"))
+    np.save(tmp_path / "strings.npy", np.full((16, 16, 16), "a"))
     cases["strings"] = (tmp_path / "strings.npy", "unsupported data type")
-    np.save(tmp_path / "all_nan.npy", np.full((8, 8, 8), np.nan, np.float32))
+    np.save(tmp_path / "all_nan.npy", np.full((16, 16, 16), np.nan, np.float32))
     cases["all NaN"] = (tmp_path / "all_nan.npy", "NaN")
     cases["missing"] = (tmp_path / "does_not_exist.nii.gz", "no such file")
     cases["empty DICOM dir"] = (tmp_path / "empty_dir", "no DICOM")
@@ -507,7 +507,7 @@ def test_a_failing_transform_is_named_with_the_file_and_the_cause_chained():
         raise ZeroDivisionError("boom")
 
     pipeline = Compose([EnsureVolume3D(), broken])
-    volume = Volume(data=np.zeros((4, 4, 4)), affine=np.eye(4), source="/data/sub-01_T1w.nii.gz")
+    volume = Volume(data=np.zeros((16, 16, 16)), affine=np.eye(4), source="/data/sub-01_T1w.nii.gz")
     with pytest.raises(VolumeTransformError, match=r"sub-01_T1w\.nii\.gz.*function.*boom") as caught:
         pipeline(volume)
     assert isinstance(caught.value.__cause__, ZeroDivisionError)

@@ -95,7 +95,12 @@ def module_sha256(module: nn.Module) -> str:
 
 
 class _FeatureStore(VolumeCache):
-    """VolumeCache's atomic float16 ``.npy`` storage, addressed by a key string instead of a file."""
+    """VolumeCache's atomic float16 ``.npy`` storage, addressed by a key string instead of a file.
+
+    Only its ``_try_load``/``_atomic_save`` are used: an entry is the one ``.npy`` (tokens carry no
+    warnings, so no ``.json``), written under a temporary name unique per process and thread and
+    renamed into place, so concurrent ranks and runs never see or leave a partial entry.
+    """
 
     def entry_path(self, key: str) -> Path:  # type: ignore[override]
         return self.cache_dir / key[:2] / f"{key}.npy"

@@ -4,14 +4,21 @@ NIfTI and MGH/MGZ through nibabel, M3D's ``.npy`` (1 x D x H x W in [0, 1]) thro
 (a series directory, or a multi-frame file) through pydicom. :func:`load_volume` tries them in turn; an
 error names the file and the readers tried. :class:`Volume` (data + affine) is what readers return and
 transforms take.
+
+Every reader checks what a file's header claims (shape x item size) against :class:`VolumeLimits`
+and against the file's size *before* allocating anything, so a 352-byte header claiming 1500^3
+float32 fails at once with a :class:`VolumeReadError` instead of allocating 13.5 GB.
 """
 from __future__ import annotations
 
+import copy
 import logging
+import math
 import os
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import nibabel as nib
 import numpy as np
@@ -48,6 +55,125 @@ class ConstantVolumeWarning(DegenerateVolumeWarning):
     """The volume has a single intensity; the processor returns zeros."""
 
 
+class NonFiniteVolumeWarning(DegenerateVolumeWarning):
+    """More than ``non_finite_warning_fraction`` of the voxels are NaN or infinite."""
+
+
+def degenerate_warning_class(name: str) -> type[DegenerateVolumeWarning]:
+    """The :class:`DegenerateVolumeWarning` subclass called ``name`` (the base class if none is)."""
+    pending = [DegenerateVolumeWarning]
+    while pending:
+        category = pending.pop()
+        if category.__name__ == name:
+            return category
+        pending.extend(category.__subclasses__())
+    return DegenerateVolumeWarning
+
+
+@dataclass(frozen=True)
+class DegenerateVolumeNote:
+    """A :class:`DegenerateVolumeWarning` a transform emitted, kept so a cache hit can emit it again.
+
+    ``problem`` leaves out the file name: a cache entry is shared by every file with the same content.
+    """
+
+    category: type[DegenerateVolumeWarning]
+    problem: str
+
+    def warn(self, source: str) -> None:
+        warnings.warn(f"{source}: {self.problem}", self.category, stacklevel=2)
+
+    def as_record(self) -> dict[str, str]:
+        return {"category": self.category.__name__, "problem": self.problem}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> "DegenerateVolumeNote":
+        return cls(degenerate_warning_class(str(record["category"])), str(record["problem"]))
+
+
+@dataclass(frozen=True)
+class VolumeLimits:
+    """What a volume may be: checked on its header before reading, and on its shape after.
+
+    The volume processors take these from their YAML keys of the same names; the defaults live here only.
+    """
+
+    # 2**28 voxels (e.g. 512 x 512 x 1024): twice a 512^3 high-resolution scan, 16x a 1 mm 256^3 head.
+    max_voxels: int = 2**28
+    # 2 GiB of stored data: 2**28 voxels of float64. (A header that asks for scaling makes the array
+    # in memory larger, e.g. uint8 -> float32; the working copies are bounded by max_voxels.)
+    max_bytes: int = 2**31
+    # Along each spatial axis. A real brain acquisition has at least ~20 slices even at 5 mm (2D
+    # thick-slice series) and more voxels in-plane; fewer than 16 holds no anatomy worth upsampling
+    # to the model's grid (a 2 x 2 x 2 array is a bug, not a scan).
+    min_axis_size: int = 16
+    # Above this fraction of NaN/Inf voxels a NonFiniteVolumeWarning (a DegenerateVolumeWarning) is emitted.
+    non_finite_warning_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("max_voxels", "max_bytes", "min_axis_size"):
+            value = getattr(self, name)
+            whole = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not whole or value < 1 or value != int(value):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            object.__setattr__(self, name, int(value))
+        fraction = float(self.non_finite_warning_fraction)
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"non_finite_warning_fraction must be between 0 and 1, got {fraction!r}")
+        object.__setattr__(self, "non_finite_warning_fraction", fraction)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "VolumeLimits":
+        """The limits a processor config sets; keys it leaves out keep their defaults."""
+        return cls(**{item.name: cfg[item.name] for item in fields(cls) if item.name in cfg})
+
+    def check_claim(self, source: Any, shape: Sequence[int], dtype: Any) -> int:
+        """Raise if ``shape`` x ``dtype`` exceeds ``max_voxels`` or ``max_bytes``; return the data's bytes."""
+        voxels = math.prod(int(n) for n in shape)
+        data_bytes = voxels * np.dtype(dtype).itemsize
+        if voxels > self.max_voxels:
+            raise VolumeReadError(source, f"{describe_claim(shape, dtype)} is {voxels:,} voxels, more than the "
+                                          f"limit max_voxels={self.max_voxels:,}")
+        if data_bytes > self.max_bytes:
+            raise VolumeReadError(source, f"{describe_claim(shape, dtype)} is {data_bytes:,} bytes, more than the "
+                                          f"limit max_bytes={self.max_bytes:,}")
+        return data_bytes
+
+
+def describe_claim(shape: Sequence[int], dtype: Any) -> str:
+    """ "header claims 1500 x 1500 x 1500 float32 (13.5 GB)", for error messages."""
+    data_bytes = math.prod(int(n) for n in shape) * np.dtype(dtype).itemsize
+    size = next((f"{data_bytes / scale:.3g} {unit}" for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
+                 if data_bytes >= scale), f"{data_bytes} bytes")
+    return f"header claims {' x '.join(str(int(n)) for n in shape)} {np.dtype(dtype).name} ({size})"
+
+
+# Deflate (gzip: .nii.gz, .mgz) expands at most 1032:1 (a 258-byte match coded in two bits), so a
+# compressed file of n bytes holds at most 1032 n: a bound no valid file exceeds. The gzip ISIZE
+# trailer would be tighter but is only a hint: modulo 2**32, per member, and as forgeable as the header.
+MAX_DEFLATE_RATIO = 1032
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def check_claim_fits_file(path: Union[str, os.PathLike], shape: Sequence[int], dtype: Any, data_offset: int,
+                          limits: VolumeLimits) -> None:
+    """Raise before reading if the header's claim exceeds ``limits`` or more than the file can hold.
+
+    ``data_offset`` is where the data starts in the (uncompressed) stream.
+    """
+    needed = data_offset + limits.check_claim(path, shape, dtype)
+    file_bytes = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        compressed = handle.read(len(_GZIP_MAGIC)) == _GZIP_MAGIC
+    if compressed and needed > file_bytes * MAX_DEFLATE_RATIO:
+        raise VolumeReadError(path, f"{describe_claim(shape, dtype)} from byte {data_offset}, but {file_bytes:,} "
+                                    f"gzip bytes hold at most {file_bytes * MAX_DEFLATE_RATIO:,} (deflate expands "
+                                    f"at most {MAX_DEFLATE_RATIO}:1): a truncated or header-only file")
+    if not compressed and needed > file_bytes:
+        raise VolumeReadError(path, f"{describe_claim(shape, dtype)} from byte {data_offset}, but the file has "
+                                    f"only {file_bytes:,} bytes: a truncated or header-only file")
+
+
 @dataclass
 class Volume:
     """A 3D image travelling through the pipeline.
@@ -63,6 +189,8 @@ class Volume:
     intensity_normalized: bool = False
     # True for arrays that may carry a leading channel axis (1 x D x H x W): .npy and in-memory input.
     channel_first: bool = False
+    # The DegenerateVolumeWarnings emitted on the way, for the cache to store with its entry.
+    notes: tuple[DegenerateVolumeNote, ...] = ()
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -76,9 +204,18 @@ class Volume:
 
 
 class VolumeReader:
-    """Interface: ``verify_suffix(path)`` says whether this reader handles the path; ``read`` loads it."""
+    """Interface: ``verify_suffix(path)`` says whether this reader handles the path; ``read`` loads it.
+
+    ``limits`` bound what ``read`` may allocate; :meth:`with_limits` gives a copy with others.
+    """
 
     suffixes: tuple[str, ...] = ()
+    limits: VolumeLimits = VolumeLimits()
+
+    def with_limits(self, limits: VolumeLimits) -> "VolumeReader":
+        reader = copy.copy(self)
+        reader.limits = limits
+        return reader
 
     def verify_suffix(self, path: Union[str, os.PathLike]) -> bool:
         name = Path(path).name.lower()
@@ -97,7 +234,9 @@ class NibabelReader(VolumeReader):
     suffixes = (".nii", ".nii.gz", ".mgh", ".mgz")
 
     def read(self, path: Union[str, os.PathLike]) -> Volume:
-        image = nib.load(os.fspath(path))
+        image = nib.load(os.fspath(path))  # reads the header only; the data stays on disk
+        check_claim_fits_file(path, image.header.get_data_shape(), image.header.get_data_dtype(),
+                              int(getattr(image.dataobj, "offset", 0)), self.limits)
         # dataobj keeps the on-disk dtype (uint8/int16) unless the header asks for scaling;
         # get_fdata() would make a float64 copy 4-8x the size.
         data = np.asanyarray(image.dataobj)
@@ -110,6 +249,8 @@ class NumpyReader(VolumeReader):
     suffixes = (".npy",)
 
     def read(self, path: Union[str, os.PathLike]) -> Volume:
+        shape, dtype, data_offset = _npy_header(path)
+        check_claim_fits_file(path, shape, dtype, data_offset, self.limits)
         # allow_pickle=False: a .npy from a shared drive must not be able to run code.
         data = np.load(os.fspath(path), allow_pickle=False)
         normalized = False
@@ -121,6 +262,18 @@ class NumpyReader(VolumeReader):
         return Volume(
             data=data, affine=np.eye(4), source=str(path), intensity_normalized=normalized, channel_first=True
         )
+
+
+def _npy_header(path: Union[str, os.PathLike]) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, offset of the data) from a .npy header, reading nothing else."""
+    header_readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in header_readers:  # 3.0 is only written for structured dtypes with unicode names
+            raise VolumeReadError(path, f".npy format {version[0]}.{version[1]} is not a scalar volume "
+                                        "(expected 1.0 or 2.0)")
+        shape, _, dtype = header_readers[version](handle)
+        return shape, dtype, handle.tell()
 
 
 # DICOM geometry lives in the patient's LPS frame; Volume affines are RAS (as in NIfTI).
@@ -251,7 +404,9 @@ class DicomSeriesReader(VolumeReader):
             where = "in this directory" if path.is_dir() else "(the file holds no pixel data)"
             raise VolumeReadError(path, f"no DICOM image files {where}")
 
-        frames = [frame for file, dataset in self._one_series(path, images) for frame in _dicom_frames(file, dataset)]
+        images = self._one_series(path, images)
+        self._check_claim(path, images)
+        frames = [frame for file, dataset in images for frame in _dicom_frames(file, dataset)]
         if len({frame.pixels.shape for frame in frames}) > 1:
             raise VolumeReadError(path, "DICOM slices have different sizes")
         frames, affine_lps = self._sort_and_affine(path, frames)
@@ -259,6 +414,21 @@ class DicomSeriesReader(VolumeReader):
         # (along a row = across columns), so each frame goes in transposed: (columns, rows).
         data = np.stack([frame.pixels.T for frame in frames], axis=-1)
         return Volume(data=data, affine=_LPS_TO_RAS @ affine_lps, source=str(path))
+
+    def _check_claim(self, path: Path, images: list[tuple[Path, Any]]) -> None:
+        """Columns x rows x frames against the limits, before any pixel data is decoded.
+
+        The largest rows and columns of any image bound the total when slice sizes differ (an error later).
+        """
+        datasets = [dataset for _, dataset in images]
+        bits = int(datasets[0].get("BitsAllocated", 16) or 16)
+        signed = int(datasets[0].get("PixelRepresentation", 0) or 0)
+        shape = (
+            max(int(dataset.get("Columns", 0) or 0) for dataset in datasets),
+            max(int(dataset.get("Rows", 0) or 0) for dataset in datasets),
+            sum(int(dataset.get("NumberOfFrames", 1) or 1) for dataset in datasets),
+        )
+        self.limits.check_claim(path, shape, np.dtype(f"{'i' if signed else 'u'}{max(1, bits // 8)}"))
 
     @staticmethod
     def _one_series(path: Path, images: list[tuple[Path, Any]]) -> list[tuple[Path, Any]]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import warnings
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -19,7 +18,10 @@ import torch.nn.functional as F
 from nibabel import orientations
 from scipy import ndimage
 
-from lavis_medblip.processors.readers import ConstantVolumeWarning, Volume, VolumeReadError, VolumeTransformError
+from lavis_medblip.processors.readers import (
+    ConstantVolumeWarning, DegenerateVolumeNote, DegenerateVolumeWarning, NonFiniteVolumeWarning, Volume, VolumeLimits,
+    VolumeReadError, VolumeTransformError,
+)
 from lavis_medblip.processors.volume_cache import new_tensor
 
 logger = logging.getLogger(__name__)
@@ -54,8 +56,21 @@ class Compose:
         return f"Compose({self.transforms!r})"
 
 
+def warn_degenerate(volume: Volume, category: type[DegenerateVolumeWarning], problem: str) -> Volume:
+    """Emit ``category`` naming the file and keep it in ``volume.notes`` (a cache hit emits it again)."""
+    note = DegenerateVolumeNote(category, problem)
+    note.warn(volume.source)
+    return replace(volume, notes=(*volume.notes, note))
+
+
 class EnsureVolume3D:
-    """Reject what is not a 3D scalar volume; squeeze singleton extra axes; fix exotic dtypes."""
+    """Reject what is not a 3D scalar volume; squeeze singleton extra axes; fix exotic dtypes.
+
+    A volume with fewer than ``min_axis_size`` voxels along an axis is rejected too (see :class:`VolumeLimits`).
+    """
+
+    def __init__(self, min_axis_size: int = VolumeLimits.min_axis_size) -> None:
+        self.min_axis_size = int(min_axis_size)
 
     def __call__(self, volume: Volume) -> Volume:
         data = volume.data
@@ -74,6 +89,9 @@ class EnsureVolume3D:
             raise VolumeReadError(volume.source, f"expected a 3D volume, got {kind} data of shape {data.shape}")
         if min(data.shape) < 2:
             raise VolumeReadError(volume.source, f"a single slice (shape {data.shape}) is 2D data, not a volume")
+        if min(data.shape) < self.min_axis_size:
+            raise VolumeReadError(volume.source, f"too small to be a scan: shape {data.shape} has fewer than "
+                                                 f"min_axis_size={self.min_axis_size} voxels along an axis")
         if data.dtype == np.bool_:
             data = data.view(np.uint8)  # masks: keep 0/1, no copy
         elif data.dtype.kind == "f" and data.dtype.itemsize < 4:
@@ -82,7 +100,13 @@ class EnsureVolume3D:
 
 
 class ReplaceNonFinite:
-    """Replace NaN/Inf voxels by the smallest finite value (background in MRI) and log how many."""
+    """Replace NaN/Inf voxels by the smallest finite value (background in MRI) and log how many.
+
+    When more than ``warning_fraction`` of the voxels are non-finite, also a :class:`NonFiniteVolumeWarning`.
+    """
+
+    def __init__(self, warning_fraction: float = VolumeLimits.non_finite_warning_fraction) -> None:
+        self.warning_fraction = float(warning_fraction)
 
     def __call__(self, volume: Volume) -> Volume:
         data = volume.data
@@ -97,6 +121,11 @@ class ReplaceNonFinite:
         fill = data[finite].min()
         logger.warning("%s: replaced %d NaN/Inf voxels (of %d) by %g", volume.source, n_bad, finite.size, fill)
         data = np.where(finite, data, fill).astype(data.dtype, copy=False)
+        fraction = n_bad / finite.size
+        if fraction > self.warning_fraction:
+            volume = warn_degenerate(volume, NonFiniteVolumeWarning,
+                                     f"{fraction:.1%} of the voxels ({n_bad} of {finite.size}) are NaN or infinite, "
+                                     f"more than non_finite_warning_fraction={self.warning_fraction:g}")
         return replace(volume, data=data)
 
 
@@ -144,11 +173,8 @@ class ScaleIntensityPercentiles:
         if high <= low:
             low, high = float(scaled.min()), float(scaled.max())
         if high <= low:
-            warnings.warn(
-                f"{volume.source}: constant volume (every voxel = {low:g}); returning zeros",
-                ConstantVolumeWarning,
-                stacklevel=2,
-            )
+            problem = f"constant volume (every voxel = {low:g}); returning zeros"
+            volume = warn_degenerate(volume, ConstantVolumeWarning, problem)
             return replace(volume, data=scaled.zero_())
         scaled.sub_(low).mul_(1.0 / (high - low)).clamp_(0.0, 1.0)
         return replace(volume, data=scaled)

@@ -3,7 +3,8 @@
 Design follows MONAI: one reader per file format behind a common interface (``readers.py``),
 and small transform classes with ``__call__`` (``transforms.py``) that a processor composes::
 
-    read (NIfTI / MGH / M3D .npy / DICOM series) -> EnsureVolume3D -> ReplaceNonFinite
+    read (NIfTI / MGH / M3D .npy / DICOM series; the header checked against VolumeLimits first)
+      -> EnsureVolume3D -> ReplaceNonFinite
       -> ToCanonicalRAS -> ScaleIntensityPercentiles
       -> ResizeLongestSide + CenterPadToCube     (default: the paper's "pad to a cube and scale")
          or ResampleToFieldOfView                (field_of_view_mm: same mm per voxel at every site)
@@ -41,7 +42,9 @@ from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lavis_medblip.processors.readers import DEFAULT_READERS, Volume, VolumeReader, VolumeReadError, load_volume
+from lavis_medblip.processors.readers import (
+    DEFAULT_READERS, Volume, VolumeLimits, VolumeReader, VolumeReadError, load_volume,
+)
 from lavis_medblip.processors.transforms import (
     Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ReplaceNonFinite, ResampleToFieldOfView,
     RegisterToTemplate, ResizeLongestSide, ScaleIntensityPercentiles, ToCanonicalRAS, build_augmentation,
@@ -104,6 +107,10 @@ class MriVolumeProcessor(BaseProcessor):
     ``cache_dir`` turns on the preprocessed-volume cache; ``cache_dtype`` (float16, uint8 or
     float32) is how entries are stored. When it equals ``dtype`` the output maps the entry with no
     decode pass; float32 entries take twice float16's disk and page cache.
+
+    ``limits`` (:class:`VolumeLimits`; YAML keys ``max_voxels``, ``max_bytes``, ``min_axis_size``,
+    ``non_finite_warning_fraction``) bound what a file's header may claim before anything is read,
+    reject volumes too small along an axis, and set when NaN/Inf voxels give a warning.
     """
 
     def __init__(
@@ -120,6 +127,7 @@ class MriVolumeProcessor(BaseProcessor):
         cache_dir: Optional[Union[str, os.PathLike]] = None,
         cache_dtype: str = "float16",
         readers: Sequence[VolumeReader] = DEFAULT_READERS,
+        limits: VolumeLimits = VolumeLimits(),
     ) -> None:
         super().__init__()
         if int(image_size) < 2:
@@ -149,8 +157,16 @@ class MriVolumeProcessor(BaseProcessor):
         self.register_to_template = bool(register_to_template)
         self.template_deviation_scale = None if template_deviation_scale is None else float(template_deviation_scale)
         self.dtype = OUTPUT_DTYPES[str(dtype)]
-        self.readers = tuple(readers)
-        steps = [EnsureVolume3D(), ReplaceNonFinite(), ToCanonicalRAS(), ScaleIntensityPercentiles(lower, upper)]
+        self.limits = limits
+        # Readers that follow the interface only (verify_suffix, read) are used as they are.
+        self.readers = tuple(reader.with_limits(limits) if isinstance(reader, VolumeReader) else reader
+                             for reader in readers)
+        steps = [
+            EnsureVolume3D(limits.min_axis_size),
+            ReplaceNonFinite(limits.non_finite_warning_fraction),
+            ToCanonicalRAS(),
+            ScaleIntensityPercentiles(lower, upper),
+        ]
         if self.field_of_view_mm is None:
             # Fused with the centre padding of CenterPadToCube (one fewer 1 x S^3 copy).
             steps.append(ResizeLongestSide(self.image_size, self.voxel_spacing, pad_to_cube=True))
@@ -169,7 +185,14 @@ class MriVolumeProcessor(BaseProcessor):
             self.cache = VolumeCache(cache_dir, self.cache_settings(), storage_dtype=cache_dtype)
 
     def cache_settings(self) -> dict[str, Any]:
-        """Everything that changes the deterministic output (augmentation and dtype do not)."""
+        """Everything that changes the deterministic output (augmentation and dtype do not).
+
+        The output includes the warnings a hit emits again (``non_finite_warning_fraction``) and
+        which volumes are admitted at all: a hit skips every check, so a processor with a larger
+        ``min_axis_size`` must not be served what a laxer one admitted. ``max_voxels``/``max_bytes``
+        are left out: they guard the memory of reading a file, which a hit does not do, and raising
+        them for one large scan must not invalidate a cohort's cache.
+        """
         return {
             "pipeline_version": PIPELINE_VERSION,
             "image_size": self.image_size,
@@ -179,6 +202,8 @@ class MriVolumeProcessor(BaseProcessor):
             "bias_field_sigma_mm": self.bias_field_sigma_mm,
             "intensity_normalization": self.intensity_normalization,
             "register_to_template": self.register_to_template,
+            "min_axis_size": self.limits.min_axis_size,
+            "non_finite_warning_fraction": self.limits.non_finite_warning_fraction,
         }
 
     def read(self, item: VolumeInput) -> Volume:
@@ -198,10 +223,13 @@ class MriVolumeProcessor(BaseProcessor):
         raise TypeError(f"expected a path, numpy array or tensor, got {type(item).__name__}")
 
     def preprocess(self, item: VolumeInput, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Deterministic part: 1 x S x S x S in [0, 1]; served from the cache when enabled."""
-        build = lambda: self.transform(self.read(item)).data  # noqa: E731
+        """Deterministic part: 1 x S x S x S in [0, 1]; served from the cache when enabled.
+
+        ``DegenerateVolumeWarning`` warnings are emitted on a cache hit as on a miss.
+        """
+        build = lambda: self.transform(self.read(item))  # noqa: E731
         if self.cache is None or not isinstance(item, (str, os.PathLike)):
-            return build().to(dtype)
+            return build().data.to(dtype)
         if not os.path.exists(item):
             raise VolumeReadError(item, "no such file or directory")
         return decode(self.cache.get_or_build(item, build), dtype)
@@ -235,6 +263,7 @@ class MriVolumeProcessor(BaseProcessor):
             "dtype": cfg.get("dtype", "float32"),
             "cache_dir": cfg.get("cache_dir", None),
             "cache_dtype": cfg.get("cache_dtype", "float16"),
+            "limits": VolumeLimits.from_config(cfg),
         }
 
     @classmethod
@@ -248,7 +277,7 @@ class MriVolumeProcessor(BaseProcessor):
             f"bias_field_sigma_mm={self.bias_field_sigma_mm}, intensity_normalization={self.intensity_normalization!r}, "
             f"register_to_template={self.register_to_template}, template_deviation_scale={self.template_deviation_scale}, "
             f"dtype={self.dtype}, cache_dir="
-            f"{None if self.cache is None else str(self.cache.cache_dir)})"
+            f"{None if self.cache is None else str(self.cache.cache_dir)}, limits={self.limits})"
         )
 
 

@@ -1,10 +1,14 @@
 """On-disk cache of preprocessed (deterministic, eval-time) MRI volumes.
 
-One ``.npy`` file per (input content, processor settings). Entries are written to a temporary
-file in the cache directory and moved into place with ``os.replace``, which is atomic on POSIX
-and Windows, so any number of DataLoader workers and ranks may share one cache directory: a
-reader sees either no entry or a complete one, and concurrent writers of the same entry write
-identical bytes.
+An entry per (input content, processor settings): ``<key>.npy``, the array, and ``<key>.json``, the
+``DegenerateVolumeWarning`` warnings its build emitted (a hit emits them again). Each file is written to a
+temporary file beside it (``mkstemp``: a unique name per process and thread) and moved into place
+with ``os.replace``, atomic on POSIX and Windows; the temporary file is removed if writing fails.
+The ``.json`` goes first, so a visible ``.npy`` always has its ``.json``. Any number of DataLoader
+workers, ``warm_cache`` processes and ranks may therefore share one cache directory: a reader sees
+no entry or a complete one, never a partial file under a final name, and concurrent writers of an
+entry write identical bytes. An entry without its ``.json`` (written by an older version) or with
+a damaged file is rebuilt.
 """
 from __future__ import annotations
 
@@ -14,12 +18,13 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Union
+from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from lavis_medblip.data.hashing import content_sha256
+from lavis_medblip.processors.readers import DegenerateVolumeNote, Volume
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +46,10 @@ def settings_sha256(settings: Mapping[str, Any]) -> str:
 class VolumeCache:
     """Maps an input file (or DICOM directory) to its preprocessed cube, stored compactly.
 
-    ``get_or_build(path, build)`` returns the stored array; ``build()`` (a float tensor in
-    [0, 1]) runs only on a miss. On a miss the encoded array is returned, so a first and a
-    second call decode to identical tensors. ``hits``/``misses`` count lookups.
+    ``get_or_build(path, build)`` returns the stored array; ``build()`` (a :class:`Volume` whose
+    data is a float tensor in [0, 1]) runs only on a miss. On a miss the encoded array is returned,
+    so a first and a second call decode to identical tensors; a hit emits the warnings of
+    ``volume.notes`` again. ``hits``/``misses`` count lookups.
     """
 
     def __init__(
@@ -69,20 +75,30 @@ class VolumeCache:
         # Two-character fan-out keeps directories small for cohorts of 10^5 scans.
         return self.cache_dir / key[:2] / f"{key}.npy"
 
-    def get_or_build(self, source: PathLike, build: Callable[[], torch.Tensor]) -> np.ndarray:
+    def get_or_build(self, source: PathLike, build: Callable[[], Volume]) -> np.ndarray:
         entry = self.entry_path(source)
         stored = self._try_load(entry)
-        if stored is not None:
+        notes = None if stored is None else self._try_load_notes(entry)
+        if notes is not None:
             self.hits += 1
+            for note in notes:
+                note.warn(str(source))
             return stored
         self.misses += 1
-        array = encode(build(), self.storage_dtype)
+        volume = build()  # emits its warnings itself
+        array = encode(volume.data, self.storage_dtype)
         try:
+            # The notes first: whoever sees the .npy must find them.
+            self._atomic_write(self.notes_path(entry), lambda file: file.write(_notes_json(volume.notes)))
             self._atomic_save(entry, array)
         except OSError as exc:
             # A full or read-only cache disk must not stop training: serve the result uncached.
             logger.warning("Could not write cache entry %s (%s); continuing without caching it", entry, exc)
         return array
+
+    @staticmethod
+    def notes_path(entry: Path) -> Path:
+        return entry.with_suffix(".json")
 
     def _try_load(self, entry: Path) -> np.ndarray | None:
         try:
@@ -91,24 +107,48 @@ class VolumeCache:
             return np.load(entry, mmap_mode="c", allow_pickle=False)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
-            # A damaged entry (e.g. a disk filled up mid-copy elsewhere) is rebuilt, not fatal.
+        except (OSError, ValueError, EOFError) as exc:
+            # A damaged entry (e.g. a disk filled up mid-copy elsewhere; EOFError: an empty file) is
+            # rebuilt, not fatal.
             logger.warning("Ignoring unreadable cache entry %s (%s); rebuilding it", entry, exc)
             return None
 
+    def _try_load_notes(self, entry: Path) -> Optional[list[DegenerateVolumeNote]]:
+        path = self.notes_path(entry)
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))["degenerate_warnings"]
+            return [DegenerateVolumeNote.from_record(record) for record in records]
+        except FileNotFoundError:
+            logger.info("Cache entry %s has no %s (written by an older version, or copied without it); rebuilding it",
+                        entry, path.name)
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            logger.warning("Ignoring unreadable cache entry %s (%s: %s); rebuilding it", path, type(exc).__name__, exc)
+            return None
+
     def _atomic_save(self, entry: Path, array: np.ndarray) -> None:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.stem[:16]}.", suffix=".tmp")
+        self._atomic_write(entry, lambda file: np.save(file, array, allow_pickle=False))
+
+    @staticmethod
+    def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+        """``write`` into a temporary file beside ``path``, then rename it to ``path`` (or remove it)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp: O_EXCL with a random name, so unique per process and per thread.
+        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
         try:
             with os.fdopen(handle, "wb") as tmp_file:
-                np.save(tmp_file, array, allow_pickle=False)
-            os.replace(tmp_name, entry)
+                write(tmp_file)
+            os.replace(tmp_name, path)
         except BaseException:
             try:
                 os.unlink(tmp_name)
             except FileNotFoundError:
                 pass
             raise
+
+
+def _notes_json(notes: Sequence[DegenerateVolumeNote]) -> bytes:
+    return json.dumps({"degenerate_warnings": [note.as_record() for note in notes]}).encode("utf-8")
 
 
 def encode(volume: torch.Tensor, storage_dtype: str) -> np.ndarray:
