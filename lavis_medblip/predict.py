@@ -47,7 +47,6 @@ import os
 import stat
 import sys
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
@@ -61,7 +60,7 @@ from tqdm import tqdm
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES
 from lavis_medblip.models.weights import CheckpointError
-from lavis_medblip.processors.readers import DEFAULT_READERS, DegenerateVolumeWarning, VolumeReadError
+from lavis_medblip.processors.readers import DEFAULT_READERS, VolumeReadError, degenerate_volume_warnings
 from lavis_medblip.visualize import plot_volume_report
 
 DEFAULT_MODEL = "medblip"
@@ -303,23 +302,6 @@ def load_model(config: Any, checkpoint: str | None, device: str) -> tuple[Any, A
         model = model.float()  # as LAVIS's loader: fp16 configs are for GPUs
     vis_processors, txt_processors = load_preprocess(config.preprocess)
     return model.to(device), vis_processors["eval"], txt_processors["eval"]
-
-
-@contextlib.contextmanager
-def degenerate_volume_warnings() -> Iterator[list[str]]:
-    """Collects the messages of the ``DegenerateVolumeWarning``s raised in the block; other warnings pass on."""
-    messages: list[str] = []
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DegenerateVolumeWarning)  # a repeat from the same line is another scan
-            yield messages
-    finally:
-        for warning in caught:
-            if issubclass(warning.category, DegenerateVolumeWarning):
-                messages.append(str(warning.message))
-            else:
-                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 @dataclass

@@ -9,13 +9,12 @@ is kept; its sample's ``warning`` says why, and the batch's ``num_degenerate`` c
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from lavis_medblip.processors.readers import DegenerateVolumeWarning, VolumeReadError
+from lavis_medblip.processors.readers import VolumeReadError, degenerate_volume_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -25,12 +24,11 @@ def process_or_skip(processor: Callable[[str], torch.Tensor], path: Any, on_erro
     """``(processor(path), warning)``; on failure raise :class:`VolumeReadError` naming ``path`` and
     ``where`` (e.g. "sample 3 (row 17)"), or log and return ``(None, "")`` when ``on_error`` is ``"skip"``.
 
-    ``warning`` joins the messages of any :class:`DegenerateVolumeWarning` (else ""); other
-    warnings pass through as usual.
+    ``warning`` joins the messages of any ``DegenerateVolumeWarning`` (else ""); other warnings
+    pass through as usual.
     """
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with degenerate_volume_warnings() as degenerate:
             image = processor(str(path))
     except (OSError, ValueError, RuntimeError) as error:
         problem = error.problem if isinstance(error, VolumeReadError) else f"{type(error).__name__}: {error}"
@@ -38,10 +36,6 @@ def process_or_skip(processor: Callable[[str], torch.Tensor], path: Any, on_erro
             raise VolumeReadError(path, f"{where}: {problem}") from error
         logger.warning("skipped %s (%s): %s", where, path, problem)
         return None, ""
-    degenerate = [str(w.message) for w in caught if issubclass(w.category, DegenerateVolumeWarning)]
-    for other in caught:
-        if not issubclass(other.category, DegenerateVolumeWarning):
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
     for message in degenerate:
         logger.warning("%s (%s): %s", where, path, message)
     return image, "; ".join(degenerate)

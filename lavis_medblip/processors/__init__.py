@@ -6,7 +6,16 @@ in ``lavis.common.registry``.
 import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
 from lavis_medblip.processors.blank import MriVolumeBlankProcessor
 from lavis_medblip.processors.text import MedBlipTextProcessor
-from lavis_medblip.processors.readers import ConstantVolumeWarning, DegenerateVolumeWarning, Volume, VolumeReadError, VolumeTransformError, load_volume
+from lavis_medblip.processors.readers import (
+    ConstantVolumeWarning,
+    DegenerateVolumeWarning,
+    NonFiniteVolumeWarning,
+    Volume,
+    VolumeLimits,
+    VolumeReadError,
+    VolumeTransformError,
+    load_volume,
+)
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor, MriVolumeProcessor, MriVolumeTrainProcessor
 from lavis_medblip.processors.volume_cache import VolumeCache
 
@@ -18,8 +27,10 @@ __all__ = [
     "MriVolumeEvalProcessor",
     "MriVolumeProcessor",
     "MriVolumeTrainProcessor",
+    "NonFiniteVolumeWarning",
     "Volume",
     "VolumeCache",
+    "VolumeLimits",
     "VolumeReadError",
     "VolumeTransformError",
     "load_volume",

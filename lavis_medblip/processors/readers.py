@@ -11,6 +11,7 @@ float32 fails at once with a :class:`VolumeReadError` instead of allocating 13.5
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -18,7 +19,7 @@ import os
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import nibabel as nib
 import numpy as np
@@ -57,6 +58,24 @@ class ConstantVolumeWarning(DegenerateVolumeWarning):
 
 class NonFiniteVolumeWarning(DegenerateVolumeWarning):
     """More than ``non_finite_warning_fraction`` of the voxels are NaN or infinite."""
+
+
+@contextlib.contextmanager
+def degenerate_volume_warnings() -> Iterator[list[str]]:
+    """Collect the messages of the :class:`DegenerateVolumeWarning` s raised in the block (into the
+    yielded list, when the block ends); other warnings pass on as usual."""
+    messages: list[str] = []
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DegenerateVolumeWarning)  # a repeat from the same line is another scan
+            yield messages
+    finally:
+        for warning in caught:
+            if issubclass(warning.category, DegenerateVolumeWarning):
+                messages.append(str(warning.message))
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def degenerate_warning_class(name: str) -> type[DegenerateVolumeWarning]:
