@@ -39,14 +39,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import contextlib
 import csv
 import errno
 import io
 import os
 import stat
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
@@ -61,6 +59,7 @@ import lavis_medblip  # noqa: F401  (registers the model, processors and YAML re
 from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES
 from lavis_medblip.models.weights import CheckpointError
 from lavis_medblip.processors.readers import DEFAULT_READERS, VolumeReadError, degenerate_volume_warnings
+from lavis_medblip.storage import atomic_file
 from lavis_medblip.visualize import plot_volume_report
 
 DEFAULT_MODEL = "medblip"
@@ -461,48 +460,17 @@ def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch
     return tally
 
 
-def new_file_mode(path: Path) -> int:
-    """The permissions ``open(path, "w")`` would leave: the existing file's, else 0o666 less the umask."""
-    with contextlib.suppress(FileNotFoundError):
-        return stat.S_IMODE(path.stat().st_mode)
-    umask = os.umask(0)  # reading the umask means setting it
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-@contextlib.contextmanager
-def atomic_text_file(path: Path) -> Iterator[TextIO]:
-    """A text file that appears at ``path`` whole when the block succeeds; if it fails ``path`` is untouched.
-
-    The block writes a uniquely named temporary file in the same folder (``os.replace`` is atomic
-    within one filesystem), removed on failure.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(descriptor, "w", newline="", encoding="utf-8") as output:
-            yield output
-            output.flush()
-            os.fsync(output.fileno())  # the rows are on disk before the name points at them
-        os.chmod(temporary, new_file_mode(path))  # mkstemp makes it 0o600
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 Written = TypeVar("Written")
 
 
 def write_results(path: Path | None, write: Callable[[TextIO], Written]) -> Written:
     """Call ``write`` with the results file at ``path`` (stdout when None); returns its result.
 
-    The file is replaced only when ``write`` succeeds (see :func:`atomic_text_file`).
+    The file is replaced only when ``write`` succeeds (see :func:`lavis_medblip.storage.atomic_file`).
     """
     if path is None:
         return write(sys.stdout)
-    with atomic_text_file(path) as output:
+    with atomic_file(path, "w", newline="", encoding="utf-8") as output:
         return write(output)
 
 

@@ -30,9 +30,8 @@ The key of an entry is ``sha256(volume key : encoder key : format)``:
   :meth:`VisionFeatureCache.forget_encoder_key` after those).
 - *format*: a version string bumped whenever what is stored changes.
 
-Entries are float16 ``.npy`` files, written to a temporary file and moved into place with
-``os.replace`` and read through a copy-on-write memory map: the storage of
-:class:`lavis_medblip.processors.volume_cache.VolumeCache`, reused here. The cache runs where the
+Entries are float16 ``.npy`` files in an :class:`lavis_medblip.storage.ArrayStore` (written whole,
+then renamed into place; read through a copy-on-write memory map), as the volume cache's are. The cache runs where the
 model runs (the training process of each rank, not the DataLoader workers); any number of ranks or
 runs may share one directory: a reader sees no entry or a complete one. An unreadable entry, or
 one of the wrong shape or dtype, is rebuilt. On a miss the float16-rounded tokens are returned, so
@@ -51,13 +50,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from lavis_medblip.processors.volume_cache import VolumeCache, encode
+from lavis_medblip.processors.volume_cache import encode, settings_sha256
+from lavis_medblip.storage import ArrayStore
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 #: Bump when the stored array's meaning changes (e.g. caching after ln_vision instead of before).
 FEATURE_CACHE_FORMAT = "medblip-vit-tokens-pre-ln_vision-v1"
+# Hashed as VolumeCache hashes its settings, so entries written before storage.py keep their keys.
+FEATURE_SETTINGS_KEY = settings_sha256({"format": FEATURE_CACHE_FORMAT, "cache_storage_dtype": "float16"})
 _HASH_SCALARS = (bool, int, float, str)
 
 
@@ -94,18 +96,6 @@ def module_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-class _FeatureStore(VolumeCache):
-    """VolumeCache's atomic float16 ``.npy`` storage, addressed by a key string instead of a file.
-
-    Only its ``_try_load``/``_atomic_save`` are used: an entry is the one ``.npy`` (tokens carry no
-    warnings, so no ``.json``), written under a temporary name unique per process and thread and
-    renamed into place, so concurrent ranks and runs never see or leave a partial entry.
-    """
-
-    def entry_path(self, key: str) -> Path:  # type: ignore[override]
-        return self.cache_dir / key[:2] / f"{key}.npy"
-
-
 class VisionFeatureCache:
     """Serves ``encoder.forward_features`` per volume from ``cache_dir``, computing only the misses.
 
@@ -115,20 +105,13 @@ class VisionFeatureCache:
 
     def __init__(self, cache_dir: PathLike, encoder: nn.Module) -> None:
         self.encoder = encoder
-        self._store = _FeatureStore(cache_dir, {"format": FEATURE_CACHE_FORMAT}, storage_dtype="float16")
+        self.store = ArrayStore(cache_dir)
+        self.hits = self.misses = 0
         self._encoder_key_memo: tuple[tuple, str] | None = None
 
     @property
     def cache_dir(self) -> Path:
-        return self._store.cache_dir
-
-    @property
-    def hits(self) -> int:
-        return self._store.hits
-
-    @property
-    def misses(self) -> int:
-        return self._store.misses
+        return self.store.root
 
     def encoder_key(self) -> str:
         """Hash of the encoder's weights and architecture, recomputed only when a tensor changed."""
@@ -144,11 +127,11 @@ class VisionFeatureCache:
         self._encoder_key_memo = None
 
     def entry_key(self, volume_key: str, encoder_key: str) -> str:
-        return hashlib.sha256(f"{volume_key}:{encoder_key}:{self._store.settings_key}".encode()).hexdigest()
+        return hashlib.sha256(f"{volume_key}:{encoder_key}:{FEATURE_SETTINGS_KEY}".encode()).hexdigest()
 
     def entry_path(self, volume: torch.Tensor) -> Path:
         """Where one volume's (1, S, S, S) tokens are stored for the current encoder weights."""
-        return self._store.entry_path(self.entry_key(tensor_sha256(volume), self.encoder_key()))
+        return self.store.path(self.entry_key(tensor_sha256(volume), self.encoder_key()))
 
     def tokens(
         self,
@@ -170,11 +153,11 @@ class VisionFeatureCache:
             raise ValueError(f"got {len(volume_keys)} volume keys for a batch of {image.shape[0]}")
         encoder_key = self.encoder_key()
         expected_shape = self._token_shape()
-        entries = [self._store.entry_path(self.entry_key(key, encoder_key)) for key in volume_keys]
+        entries = [self.entry_key(key, encoder_key) for key in volume_keys]
         arrays = [self._load(entry, expected_shape) for entry in entries]
         missing = [index for index, array in enumerate(arrays) if array is None]
-        self._store.hits += len(entries) - len(missing)
-        self._store.misses += len(missing)
+        self.hits += len(entries) - len(missing)
+        self.misses += len(missing)
         if missing:
             with torch.no_grad():
                 computed = compute(image[missing])
@@ -187,25 +170,25 @@ class VisionFeatureCache:
         pos_embed = getattr(self.encoder, "pos_embed", None)  # (1, N+1, width) in LAVIS's ViT
         return tuple(pos_embed.shape[1:]) if isinstance(pos_embed, torch.Tensor) else None
 
-    def _load(self, entry: Path, expected_shape: tuple[int, int] | None) -> np.ndarray | None:
-        array = self._store._try_load(entry)  # None when absent or unreadable (logged)
+    def _load(self, key: str, expected_shape: tuple[int, int] | None) -> np.ndarray | None:
+        array = self.store.load(key)  # None when absent or unreadable (logged)
         if array is None:
             return None
         if array.dtype != np.float16 or (expected_shape is not None and array.shape != expected_shape):
             logger.warning("Ignoring cache entry %s of shape %s %s (expected %s float16); rebuilding it",
-                           entry, array.shape, array.dtype, expected_shape)
+                           self.store.path(key), array.shape, array.dtype, expected_shape)
             return None
         return array
 
-    def _save(self, entry: Path, tokens: torch.Tensor) -> np.ndarray:
+    def _save(self, key: str, tokens: torch.Tensor) -> np.ndarray:
         array = encode(tokens.detach().float().cpu(), "float16")
         if not np.isfinite(array).all():
             # float16 overflow (|x| > 65504): serve full precision uncached rather than store inf.
-            logger.warning("ViT tokens overflow float16; not caching %s", entry)
+            logger.warning("ViT tokens overflow float16; not caching %s", self.store.path(key))
             return tokens.detach().float().cpu().numpy()
         try:
-            self._store._atomic_save(entry, array)
+            self.store.save(key, array)
         except OSError as exc:
             # A full or read-only cache disk must not stop training: serve the result uncached.
-            logger.warning("Could not write cache entry %s (%s); continuing without caching it", entry, exc)
+            logger.warning("Could not write cache entry %s (%s); continuing without caching it", self.store.path(key), exc)
         return array

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import threading
 import zipfile
 from typing import Any, Callable, Iterable, Mapping
 
@@ -21,6 +20,8 @@ from huggingface_hub.errors import HFValidationError
 
 from lavis.common.dist_utils import download_cached_file
 from lavis.common.utils import is_url
+
+from lavis_medblip.storage import atomic_save as save_checkpoint_file  # noqa: F401  (models/medblip.py's name)
 
 #: Checkpoints written before 2026-12-04 kept numpy's RNG state as a uint32 array; these rebuild
 #: such an array from its bytes and run no other code.
@@ -107,18 +108,6 @@ def check_fits(path: str | os.PathLike, checkpoint: Any, own: Mapping[str, torch
     saved_from = model_name(config.get("model", config) if isinstance(config, Mapping) else None)  # runner: run config
     raise CheckpointError(path, f"does not fit this {this_model or 'model'}"
                                 + (f" (it was saved from {saved_from})" if saved_from else "") + ": " + "; ".join(problems))
-
-
-def save_checkpoint_file(state: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` next to the target, then rename: a killed run never leaves a half-written file."""
-    path = os.fspath(path)
-    temporary = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.{os.getpid()}.{threading.get_ident()}.tmp"
-    try:
-        torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def from_pretrained_or_explain(loader: Callable[..., Any], key: str, source: str | None, **kwargs: Any) -> Any:

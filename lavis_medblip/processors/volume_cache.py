@@ -1,9 +1,8 @@
 """On-disk cache of preprocessed (deterministic, eval-time) MRI volumes.
 
 An entry per (input content, processor settings): ``<key>.npy``, the array, and ``<key>.json``, the
-``DegenerateVolumeWarning`` warnings its build emitted (a hit emits them again). Each file is written to a
-temporary file beside it (``mkstemp``: a unique name per process and thread) and moved into place
-with ``os.replace``, atomic on POSIX and Windows; the temporary file is removed if writing fails.
+``DegenerateVolumeWarning`` warnings its build emitted (a hit emits them again), in an
+:class:`~lavis_medblip.storage.ArrayStore` (each file written whole, then renamed into place).
 The ``.json`` goes first, so a visible ``.npy`` always has its ``.json``. Any number of DataLoader
 workers, ``warm_cache`` processes and ranks may therefore share one cache directory: a reader sees
 no entry or a complete one, never a partial file under a final name, and concurrent writers of an
@@ -16,15 +15,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import torch
 
 from lavis_medblip.data.hashing import content_sha256
 from lavis_medblip.processors.readers import DegenerateVolumeNote, Volume
+from lavis_medblip.storage import ArrayStore
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ class VolumeCache:
             raise ValueError(
                 f"cache storage dtype must be one of {sorted(CACHE_STORAGE_DTYPES)}, got {storage_dtype!r}"
             )
-        self.cache_dir = Path(cache_dir).expanduser()
+        self.store = ArrayStore(cache_dir)
         self.storage_dtype = storage_dtype
         # The storage dtype changes the stored bytes, so it is part of the key.
         self.settings = {**dict(settings), "cache_storage_dtype": storage_dtype}
@@ -70,15 +69,21 @@ class VolumeCache:
         self.hits = 0
         self.misses = 0
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.store.root
+
+    def entry_key(self, source: PathLike) -> str:
+        return hashlib.sha256(f"{content_sha256(source)}:{self.settings_key}".encode()).hexdigest()
+
     def entry_path(self, source: PathLike) -> Path:
-        key = hashlib.sha256(f"{content_sha256(source)}:{self.settings_key}".encode()).hexdigest()
-        # Two-character fan-out keeps directories small for cohorts of 10^5 scans.
-        return self.cache_dir / key[:2] / f"{key}.npy"
+        """The ``.npy`` of ``source``'s entry (its ``.json`` sits beside it)."""
+        return self.store.path(self.entry_key(source))
 
     def get_or_build(self, source: PathLike, build: Callable[[], Volume]) -> np.ndarray:
-        entry = self.entry_path(source)
-        stored = self._try_load(entry)
-        notes = None if stored is None else self._try_load_notes(entry)
+        key = self.entry_key(source)
+        stored = self.store.load(key)
+        notes = None if stored is None else self._load_notes(key)
         if notes is not None:
             self.hits += 1
             for note in notes:
@@ -89,66 +94,25 @@ class VolumeCache:
         array = encode(volume.data, self.storage_dtype)
         try:
             # The notes first: whoever sees the .npy must find them.
-            self._atomic_write(self.notes_path(entry), lambda file: file.write(_notes_json(volume.notes)))
-            self._atomic_save(entry, array)
+            self.store.save_json(key, {"degenerate_warnings": [note.as_record() for note in volume.notes]})
+            self.store.save(key, array)
         except OSError as exc:
             # A full or read-only cache disk must not stop training: serve the result uncached.
-            logger.warning("Could not write cache entry %s (%s); continuing without caching it", entry, exc)
+            logger.warning("Could not write cache entry %s (%s); continuing without caching it",
+                           self.store.path(key), exc)
         return array
 
-    @staticmethod
-    def notes_path(entry: Path) -> Path:
-        return entry.with_suffix(".json")
-
-    def _try_load(self, entry: Path) -> np.ndarray | None:
+    def _load_notes(self, key: str) -> Optional[list[DegenerateVolumeNote]]:
+        path = self.store.path(key, ".json")
         try:
-            # "c" = copy-on-write: the pages come from the OS page cache (shared by all workers)
-            # and a tensor built on them is writable without ever changing the file.
-            return np.load(entry, mmap_mode="c", allow_pickle=False)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, EOFError) as exc:
-            # A damaged entry (e.g. a disk filled up mid-copy elsewhere; EOFError: an empty file) is
-            # rebuilt, not fatal.
-            logger.warning("Ignoring unreadable cache entry %s (%s); rebuilding it", entry, exc)
-            return None
-
-    def _try_load_notes(self, entry: Path) -> Optional[list[DegenerateVolumeNote]]:
-        path = self.notes_path(entry)
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))["degenerate_warnings"]
-            return [DegenerateVolumeNote.from_record(record) for record in records]
+            return [DegenerateVolumeNote.from_record(record) for record in self.store.load_json(key)["degenerate_warnings"]]
         except FileNotFoundError:
             logger.info("Cache entry %s has no %s (written by an older version, or copied without it); rebuilding it",
-                        entry, path.name)
+                        self.store.path(key), path.name)
             return None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             logger.warning("Ignoring unreadable cache entry %s (%s: %s); rebuilding it", path, type(exc).__name__, exc)
             return None
-
-    def _atomic_save(self, entry: Path, array: np.ndarray) -> None:
-        self._atomic_write(entry, lambda file: np.save(file, array, allow_pickle=False))
-
-    @staticmethod
-    def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-        """``write`` into a temporary file beside ``path``, then rename it to ``path`` (or remove it)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # mkstemp: O_EXCL with a random name, so unique per process and per thread.
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem[:16]}.", suffix=".tmp")
-        try:
-            with os.fdopen(handle, "wb") as tmp_file:
-                write(tmp_file)
-            os.replace(tmp_name, path)
-        except BaseException:
-            try:
-                os.unlink(tmp_name)
-            except FileNotFoundError:
-                pass
-            raise
-
-
-def _notes_json(notes: Sequence[DegenerateVolumeNote]) -> bytes:
-    return json.dumps({"degenerate_warnings": [note.as_record() for note in notes]}).encode("utf-8")
 
 
 def encode(volume: torch.Tensor, storage_dtype: str) -> np.ndarray:

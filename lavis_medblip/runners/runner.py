@@ -40,7 +40,8 @@ from lavis.datasets.datasets.dataloader_utils import PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 
 from lavis_medblip.datasets.collate import collate_skipping
-from lavis_medblip.models.weights import CheckpointError, read_checkpoint, save_checkpoint_file
+from lavis_medblip.models.weights import CheckpointError, read_checkpoint
+from lavis_medblip.storage import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -264,10 +265,10 @@ class MedBLIPRunner(RunnerBase):
             "rng": rng_states(),
         }
         latest = self.output_dir / "checkpoint_latest.pth"
-        save_checkpoint_file(state, latest)
+        atomic_save(state, latest)
         logger.info("Saved epoch %d checkpoint (trained parameters only) to %s", cur_epoch, latest)
         if is_best:
-            save_checkpoint_file(state, self.output_dir / "checkpoint_best.pth")
+            atomic_save(state, self.output_dir / "checkpoint_best.pth")
 
     def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
         path = self.output_dir / "checkpoint_best.pth"
