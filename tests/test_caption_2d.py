@@ -18,7 +18,7 @@ from lavis_medblip.caption_attention import CAPTION_PX, figure_layout
 from lavis_medblip.caption_attention import main as caption_attention_main
 from lavis_medblip.datasets.captions import MedicalCaptionBuilder, ROCOBuilder
 from lavis_medblip.models.caption_2d import MedBLIPCaption
-from lavis_medblip.processors.readers import VolumeReadError
+from lavis_medblip.processors.volume_types import VolumeReadError
 from lavis_medblip.tasks import captioning
 from lavis_medblip.tasks.captioning import caption_metrics, tokenize_caption
 from test_train_evaluate_launchers import launch, only_job_dir, run_config

@@ -9,7 +9,7 @@ from lavis.common.registry import registry
 
 from cohort_fixtures import write_small_cohort
 from lavis_medblip.datasets import MRIAnnotationDataset
-from lavis_medblip.processors.readers import VolumeReadError
+from lavis_medblip.processors.volume_types import VolumeReadError
 
 
 def dataset(annotation_file, on_error: str) -> MRIAnnotationDataset:

@@ -18,8 +18,12 @@ import pytest
 import torch
 
 from lavis_medblip.assets import ICBM_T1
-from lavis_medblip.processors.readers import (
-    ConstantVolumeWarning, DegenerateVolumeWarning, VolumeLimits, VolumeReadError, load_volume,
+from lavis_medblip.processors.readers import load_volume
+from lavis_medblip.processors.volume_types import (
+    ConstantVolumeWarning,
+    DegenerateVolumeWarning,
+    VolumeLimits,
+    VolumeReadError,
 )
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor
 

@@ -20,7 +20,13 @@ from lavis_medblip.assets import CEREBRA_LABELS, ICBM_BRAIN_MASK, ICBM_T1
 import lavis_medblip.processors  # noqa: F401  (registers the processors)
 from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
-from lavis_medblip.processors.readers import ConstantVolumeWarning, Volume, VolumeReadError, VolumeTransformError, load_volume
+from lavis_medblip.processors.readers import load_volume
+from lavis_medblip.processors.volume_types import (
+    ConstantVolumeWarning,
+    Volume,
+    VolumeReadError,
+    VolumeTransformError,
+)
 from lavis_medblip.processors.transforms import Compose, EnsureVolume3D, ToCanonicalRAS, resize_trilinear_into
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor, MriVolumeTrainProcessor
 

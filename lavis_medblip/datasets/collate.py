@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from lavis_medblip.processors.readers import VolumeReadError, degenerate_volume_warnings
+from lavis_medblip.processors.volume_types import VolumeReadError, degenerate_volume_warnings
 
 logger = logging.getLogger(__name__)
 

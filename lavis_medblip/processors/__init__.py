@@ -6,7 +6,8 @@ in ``lavis.common.registry``.
 import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
 from lavis_medblip.processors.blank import MriVolumeBlankProcessor
 from lavis_medblip.processors.text import MedBlipTextProcessor
-from lavis_medblip.processors.readers import (
+from lavis_medblip.processors.readers import load_volume
+from lavis_medblip.processors.volume_types import (
     ConstantVolumeWarning,
     DegenerateVolumeWarning,
     NonFiniteVolumeWarning,
@@ -14,7 +15,6 @@ from lavis_medblip.processors.readers import (
     VolumeLimits,
     VolumeReadError,
     VolumeTransformError,
-    load_volume,
 )
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor, MriVolumeProcessor, MriVolumeTrainProcessor
 from lavis_medblip.processors.volume_cache import VolumeCache

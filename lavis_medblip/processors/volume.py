@@ -42,9 +42,8 @@ from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lavis_medblip.processors.readers import (
-    DEFAULT_READERS, Volume, VolumeLimits, VolumeReader, VolumeReadError, load_volume,
-)
+from lavis_medblip.processors.readers import DEFAULT_READERS, load_volume
+from lavis_medblip.processors.volume_types import Volume, VolumeLimits, VolumeReadError, VolumeReader
 from lavis_medblip.processors.transforms import (
     Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ReplaceNonFinite, ResampleToFieldOfView,
     RegisterToTemplate, ResizeLongestSide, ScaleIntensityPercentiles, ToCanonicalRAS, build_augmentation,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lavis_medblip.data.hashing import content_sha256
-from lavis_medblip.processors.readers import DegenerateVolumeNote, Volume
+from lavis_medblip.processors.volume_types import DegenerateVolumeNote, Volume
 from lavis_medblip.storage import ArrayStore
 
 logger = logging.getLogger(__name__)
