@@ -23,21 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+from PIL import Image
 
-import matplotlib
+from lavis.common.registry import registry
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from lavis.common.registry import registry  # noqa: E402
-
-import lavis_medblip  # noqa: E402,F401  (registers medblip_caption)
+import lavis_medblip  # noqa: F401  (registers medblip_caption)
 from lavis_medblip.datasets.captions import read_rgb  # noqa: E402
 from lavis_medblip.models.caption_2d import MedBLIPCaption  # noqa: E402
 
@@ -116,7 +111,7 @@ def draw_attention_figure(picture: Image.Image, result: WordAttention, out: str 
     """Write the PNG (exactly ``columns·panel_px × rows·panel_px + 40`` pixels) and its JSON sidecar."""
     picture = np.asarray(picture.resize((image_size, image_size), Image.BICUBIC).convert("L"))
     columns, rows = figure_layout(len(result.words), max_columns)
-    figure = plt.figure(figsize=(columns * panel_px / DPI, (rows * panel_px + CAPTION_PX) / DPI), dpi=DPI)
+    figure = Figure(figsize=(columns * panel_px / DPI, (rows * panel_px + CAPTION_PX) / DPI), dpi=DPI)
     strip = CAPTION_PX / (rows * panel_px + CAPTION_PX)
     height = (1 - strip) / rows
     titles = ["image", *result.words]
@@ -136,7 +131,6 @@ def draw_attention_figure(picture: Image.Image, result: WordAttention, out: str 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=DPI)
-    plt.close(figure)
     out.with_suffix(".json").write_text(json.dumps({"caption": result.caption, "words": result.words}, indent=2))
     return out
 

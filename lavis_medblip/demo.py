@@ -121,7 +121,7 @@ def print_table(results: dict[str, dict]) -> None:
 
 
 def write_report(results: dict[str, dict], path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     from omegaconf import OmegaConf
 
     from lavis.common.registry import registry
@@ -135,7 +135,7 @@ def write_report(results: dict[str, dict], path: Path) -> Path:
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
     class_names = results["image_text"]["metrics"]["confusion_matrix"]["labels"]
 
-    figure = plt.figure(figsize=(15, 11))
+    figure = Figure(figsize=(15, 11))
     grid = figure.add_gridspec(4, 4)
     for column, (variant, result) in enumerate(results.items()):
         draw_confusion_matrix(figure.add_subplot(grid[0, column]), result["metrics"]["confusion_matrix"],
@@ -152,7 +152,6 @@ def write_report(results: dict[str, dict], path: Path) -> Path:
                            f"image + text: {class_names[example['prediction']]}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 

@@ -1,4 +1,4 @@
-"""The pictures: confusion matrices, MRI slices with class probabilities, loss curves (matplotlib, Agg).
+"""The pictures: confusion matrices, MRI slices with class probabilities, loss curves (matplotlib).
 
 ``draw_*`` functions draw into given axes (to compose reports); ``plot_*`` functions write a PNG.
 """
@@ -7,11 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: runs on headless training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+# Figure objects, not pyplot: files only, no GUI backend, and no process-wide backend switch.
+from matplotlib.figure import Figure
 
 
 def draw_confusion_matrix(axes, confusion: Mapping, title: str = "") -> None:
@@ -59,7 +57,8 @@ def draw_loss_curves(axes, curves: Mapping[str, Sequence[float]], ylabel: str = 
 
 def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "") -> Path:
     counts = np.asarray(confusion["counts"])
-    figure, axes = plt.subplots(figsize=(1.6 + 1.1 * counts.shape[1], 1.4 + 1.0 * counts.shape[0]))
+    figure = Figure(figsize=(1.6 + 1.1 * counts.shape[1], 1.4 + 1.0 * counts.shape[0]))
+    axes = figure.subplots()
     draw_confusion_matrix(axes, confusion, title)
     return _save(figure, path)
 
@@ -68,15 +67,15 @@ def plot_volume_report(
     volume: np.ndarray, probabilities: Sequence[float], class_names: Sequence[str], path: str | Path, title: str = ""
 ) -> Path:
     """Three orthogonal slices and the class probabilities, in one PNG."""
-    figure, axes = plt.subplots(1, 4, figsize=(13, 3.4), gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
+    figure = Figure(figsize=(13, 3.4))
+    axes = figure.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
     draw_slices(axes[:3], volume)
     draw_probabilities(axes[3], probabilities, class_names)
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)
 
 
-def _save(figure, path: str | Path) -> Path:
+def _save(figure: Figure, path: str | Path) -> Path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
     return Path(path)

@@ -6,7 +6,7 @@ M3D-VQA-AD filter (``python -m dataset_builders.m3d_vqa_ad``); pandas only, no t
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import pandas as pd
 
@@ -47,3 +47,13 @@ def read_m3d_csv(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; the table has {list(frame.columns)}")
     return frame
+
+
+def format_choice(letter: str, choice: str) -> str:
+    """``"B. Sagittal"``: how a choice appears in the closed prompt, the target and the ranked candidates."""
+    return f"{letter}. {choice}"
+
+
+def closed_question(question: str, choices: Mapping[str, str]) -> str:
+    """M3D's closed-ended prompt: ``"{question} Choices: A. {A} B. {B} …"``."""
+    return f"{question} Choices: " + " ".join(format_choice(letter, choice) for letter, choice in choices.items())

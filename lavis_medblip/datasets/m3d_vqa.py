@@ -38,7 +38,14 @@ import torch
 
 from lavis.common.registry import registry
 
-from lavis_medblip.data.m3d_vqa import CHOICE_LETTERS, is_missing_value, parse_question_type, read_m3d_csv
+from lavis_medblip.data.m3d_vqa import (
+    CHOICE_LETTERS,
+    closed_question,
+    format_choice,
+    is_missing_value,
+    parse_question_type,
+    read_m3d_csv,
+)
 from lavis_medblip.datasets.builders import CONFIG_DIR, AnnotationBuilder
 from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 
@@ -70,16 +77,6 @@ class M3DVQARecord:
     def instance_id(self) -> str:
         """``M3D_VQA_test:17``: unique across the splits' files, stable across runs."""
         return f"{Path(self.file).stem}:{self.line}"
-
-
-def format_choice(letter: str, choice: str) -> str:
-    """``"B. Sagittal"``: how a choice appears in the closed prompt, the target and the ranked candidates."""
-    return f"{letter}. {choice}"
-
-
-def closed_question(question: str, choices: Mapping[str, str]) -> str:
-    """M3D's closed-ended prompt: ``"{question} Choices: A. {A} B. {B} …"``."""
-    return f"{question} Choices: " + " ".join(format_choice(letter, choice) for letter, choice in choices.items())
 
 
 def parse_row(row: Mapping[str, Any], file: str, line: int, mode: str = "closed") -> M3DVQARecord:
