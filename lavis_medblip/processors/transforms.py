@@ -1,16 +1,13 @@
-"""Composable volume transforms (MONAI-style: small classes with ``__call__``).
-
-Deterministic array transforms take and return a :class:`~lavis_medblip.processors.readers.Volume`;
-train-time augmentations take and return a ``1 x S x S x S`` tensor in [0, 1]. :class:`Compose`
-re-raises a failure naming the transform and the file.
+"""Deterministic volume transforms, MONAI-style (small classes with ``__call__``, :class:`Volume` in and out):
+reorientation, non-finite replacement, percentile scaling, resize and pad, field of view, bias field and
+intensity normalisation. :class:`Compose` chains them and names the transform and the file on failure.
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping, Optional, Sequence
+from dataclasses import replace
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +15,7 @@ import torch.nn.functional as F
 from nibabel import orientations
 from scipy import ndimage
 
-from lavis_medblip.processors.readers import (
+from lavis_medblip.processors.volume_types import (
     ConstantVolumeWarning, DegenerateVolumeNote, DegenerateVolumeWarning, NonFiniteVolumeWarning, Volume, VolumeLimits,
     VolumeReadError, VolumeTransformError,
 )
@@ -29,11 +26,6 @@ logger = logging.getLogger(__name__)
 # Percentiles are estimated on a regular sub-grid of at most this many voxels: exact enough for
 # 0.5/99.5 % bounds (2M samples) and ~20x cheaper than np.percentile on a full 1 mm brain.
 _MAX_PERCENTILE_SAMPLES = 1 << 21
-
-
-# --------------------------------------------------------------------------------------------
-# Array transforms (Volume -> Volume)
-# --------------------------------------------------------------------------------------------
 
 
 class Compose:
@@ -64,10 +56,8 @@ def warn_degenerate(volume: Volume, category: type[DegenerateVolumeWarning], pro
 
 
 class EnsureVolume3D:
-    """Reject what is not a 3D scalar volume; squeeze singleton extra axes; fix exotic dtypes.
-
-    A volume with fewer than ``min_axis_size`` voxels along an axis is rejected too (see :class:`VolumeLimits`).
-    """
+    """Reject what is not a 3D scalar volume or has fewer than ``min_axis_size`` voxels along an axis
+    (see :class:`VolumeLimits`); squeeze singleton extra axes; fix exotic dtypes."""
 
     def __init__(self, min_axis_size: int = VolumeLimits.min_axis_size) -> None:
         self.min_axis_size = int(min_axis_size)
@@ -100,10 +90,8 @@ class EnsureVolume3D:
 
 
 class ReplaceNonFinite:
-    """Replace NaN/Inf voxels by the smallest finite value (background in MRI) and log how many.
-
-    When more than ``warning_fraction`` of the voxels are non-finite, also a :class:`NonFiniteVolumeWarning`.
-    """
+    """Replace NaN/Inf voxels by the smallest finite value (background in MRI) and log how many; when more
+    than ``warning_fraction`` of the voxels are non-finite, also a :class:`NonFiniteVolumeWarning`."""
 
     def __init__(self, warning_fraction: float = VolumeLimits.non_finite_warning_fraction) -> None:
         self.warning_fraction = float(warning_fraction)
@@ -189,10 +177,9 @@ class ScaleIntensityPercentiles:
 class ResizeLongestSide:
     """Trilinear resize so the longest side becomes ``size``, keeping the aspect ratio.
 
-    With ``target_spacing`` (mm) the aspect ratio is the physical one: resampling to that
-    spacing and resizing are fused into one interpolation (one pass, one blur).
-    With ``pad_to_cube`` the result is written straight into the centre of a zero ``size``^3
-    cube (1 x S x S x S), which does what :class:`CenterPadToCube` does without an extra copy.
+    With ``target_spacing`` (mm) the aspect ratio is the physical one (resampling and resizing fused
+    into one interpolation). With ``pad_to_cube`` the result is written straight into the centre of a
+    zero 1 x S x S x S cube: :class:`CenterPadToCube` without the extra copy.
     """
 
     def __init__(self, size: int, target_spacing: Optional[Sequence[float]] = None, pad_to_cube: bool = False) -> None:
@@ -311,12 +298,10 @@ def head_centre_mm(volume: Volume) -> np.ndarray:
 class ResampleToFieldOfView:
     """Resample onto a ``size``^3 grid that spans ``field_of_view_mm`` per side, centred on the head.
 
-    The output spacing is ``field_of_view_mm / size`` mm for every scanner, so a structure has the
-    same size in voxels whatever the site's field of view or voxel size (the paper's "pad to a cube
-    and scale" makes sizes depend on the field of view). The centre is the head mask's centre of
-    mass, which removes differences in where the scanner centred the field of view. Input voxels
-    smaller than half the output spacing are box-averaged first (anti-aliasing); sampling is
-    trilinear with zero fill. Expects RAS-ordered float data (after :class:`ScaleIntensityPercentiles`).
+    The spacing is ``field_of_view_mm / size`` mm at every site, so a structure's size in voxels does
+    not depend on the scanner's field of view (see the README). Input voxels smaller than half the
+    output spacing are box-averaged first (anti-aliasing); sampling is trilinear with zero fill.
+    Expects RAS-ordered float data (after :class:`ScaleIntensityPercentiles`).
     """
 
     def __init__(self, size: int, field_of_view_mm: float) -> None:
@@ -362,11 +347,10 @@ class ResampleToFieldOfView:
 class CorrectBiasField:
     """Divide out a smooth multiplicative bias field (coil inhomogeneity), estimated in the head.
 
-    Homomorphic filtering: the bias is ``exp`` of the head's log intensity smoothed with a
-    Gaussian of ``sigma_mm`` (normalised convolution, so the background does not leak in). Tissue
-    contrast lives at scales of a few mm and survives; a field that varies over ~10 cm does not.
-    A light-weight stand-in for N4 on the model's input grid; works on a ``1 x S x S x S`` cube
-    whose affine gives the spacing, keeps the head's mean intensity, clamps to [0, 1].
+    Homomorphic filtering (a light stand-in for N4): the bias is ``exp`` of the head's log intensity
+    smoothed with a Gaussian of ``sigma_mm`` (normalised convolution, so the background does not leak
+    in); tissue contrast (a few mm) survives. On a ``1 x S x S x S`` cube whose affine gives the
+    spacing; keeps the head's mean intensity, clamps to [0, 1].
     """
 
     def __init__(self, sigma_mm: float = 30.0) -> None:
@@ -395,7 +379,6 @@ class HeadQuantileNormalize:
 
     Removes every monotone intensity difference between scanners (scale, gamma-like contrast),
     while the spatial pattern of tissue (e.g. how much dark CSF fills the ventricles) remains.
-    Equal intensities are ranked in voxel order (a stable sort), so the output is deterministic.
     """
 
     def __call__(self, volume: Volume) -> Volume:
@@ -414,191 +397,3 @@ def quantiles_within(cube: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(cube)
     out[mask] = ranks
     return out
-
-
-@dataclass(frozen=True)
-class TemplateReference:
-    """The ICBM 2009c template on a processor's grid: what :class:`RegisterToTemplate` aligns to."""
-
-    head: torch.Tensor  # 1 x S^3, head quantiles (the registration target)
-    brain_mask: torch.Tensor  # 1 x S^3 bool, the template's brain mask dilated by one voxel
-    brain: torch.Tensor  # 1 x S^3, quantiles within brain_mask (the reference of template deviations)
-    affine: np.ndarray
-
-
-@functools.lru_cache(maxsize=4)
-def template_reference(size: int, field_of_view_mm: float, bias_field_sigma_mm: Optional[float]) -> TemplateReference:
-    """The vendored ICBM 2009c T1 and brain mask on a ``size``^3 grid, preprocessed as the subjects are.
-
-    Built once per process and setting (a few seconds).
-    """
-    from lavis_medblip.assets import ICBM_BRAIN_MASK, ICBM_T1
-    from lavis_medblip.processors.readers import load_volume
-
-    t1 = Compose([EnsureVolume3D(), ToCanonicalRAS(), ScaleIntensityPercentiles()])(load_volume(ICBM_T1))
-    mask = Compose([EnsureVolume3D(), ToCanonicalRAS()])(load_volume(ICBM_BRAIN_MASK))
-    resample = ResampleToFieldOfView(size, field_of_view_mm)
-    centre = head_centre_mm(t1)
-    head = resample.resample(t1, centre)
-    if bias_field_sigma_mm is not None:
-        head = CorrectBiasField(bias_field_sigma_mm)(head)
-    head = HeadQuantileNormalize()(head)
-    mask_cube = resample.resample(replace(mask, data=np.asarray(mask.data, dtype=np.float32)), centre).data > 0.5
-    brain_mask = torch.from_numpy(ndimage.binary_dilation(mask_cube[0].numpy(), iterations=1))[None]
-    return TemplateReference(head=head.data.float(), brain_mask=brain_mask,
-                             brain=quantiles_within(head.data.float(), brain_mask), affine=head.affine)
-
-
-class RegisterToTemplate:
-    """Align the head affinely to the ICBM 2009c template, keep the brain, re-rank its intensities.
-
-    Centring on the head's centre of mass (:class:`ResampleToFieldOfView`) leaves heads a few mm
-    apart, more between sites, because fields of view cover different amounts of neck and face,
-    and heads differ in size and pose. This fits 12 affine parameters (Adam on the mean squared
-    difference to the template within its brain, both as head quantiles; deterministic on CPU),
-    resamples the cube into template space, zeroes everything outside the template's brain mask
-    (skull, scalp and neck, which sites crop differently) and maps the brain voxels to their
-    intensity quantiles. Expects the output of :class:`HeadQuantileNormalize` on a
-    :class:`ResampleToFieldOfView` grid of the same ``size`` and ``field_of_view_mm``, after
-    :class:`CorrectBiasField` with ``bias_field_sigma_mm`` if that is set; the template is
-    prepared the same way. The fit runs on a grid of about ``FIT_SPACING_MM`` voxels, so its
-    cost does not grow with ``size``.
-    """
-
-    FIT_SPACING_MM = 8.0
-
-    def __init__(self, size: int, field_of_view_mm: float, bias_field_sigma_mm: Optional[float] = None,
-                 iterations: int = 60, learning_rate: float = 0.01) -> None:
-        self.size = int(size)
-        self.field_of_view_mm = float(field_of_view_mm)
-        self.bias_field_sigma_mm = None if bias_field_sigma_mm is None else float(bias_field_sigma_mm)
-        self.iterations = int(iterations)
-        self.learning_rate = float(learning_rate)
-
-    def reference(self) -> TemplateReference:
-        return template_reference(self.size, self.field_of_view_mm, self.bias_field_sigma_mm)
-
-    def __call__(self, volume: Volume) -> Volume:
-        reference = self.reference()
-        moving = volume.data.float()[None]
-        theta = self.fit(moving, reference.head[None], reference.brain_mask[None].float())
-        with torch.no_grad():
-            grid = F.affine_grid(theta, list(moving.shape), align_corners=False)
-            aligned = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        return replace(volume, data=quantiles_within(aligned, reference.brain_mask), affine=reference.affine.copy())
-
-    def fit(self, moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The affine (1, 3, 4) in ``affine_grid``'s normalised coordinates that maps ``fixed`` onto ``moving``.
-
-        The squared differences count where ``weight`` (the brain) is, after a blur of one fit
-        voxel, so the brain's edge counts and the neck and face, which sites crop, do not.
-        """
-        factor = max(1, round(self.FIT_SPACING_MM * self.size / self.field_of_view_mm))
-        moving, fixed = F.avg_pool3d(moving, factor, ceil_mode=True), F.avg_pool3d(fixed, factor, ceil_mode=True)
-        weight = F.avg_pool3d(F.avg_pool3d(weight, factor, ceil_mode=True), 3, stride=1, padding=1) > 0
-        theta = torch.eye(3, 4)[None].requires_grad_(True)
-        optimizer = torch.optim.Adam([theta], lr=self.learning_rate)
-        with torch.enable_grad():
-            for _ in range(self.iterations):
-                grid = F.affine_grid(theta, list(moving.shape), align_corners=False)
-                loss = (F.grid_sample(moving, grid, align_corners=False) - fixed)[weight].pow(2).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        return theta.detach()
-
-
-# --------------------------------------------------------------------------------------------
-# Train-time augmentation (tensor 1 x S x S x S in [0, 1] -> same)
-# --------------------------------------------------------------------------------------------
-# These draw from torch's global RNG, which DataLoader seeds differently in every worker
-# (numpy's global RNG would repeat the same augmentations across workers).
-
-
-class RandomAffine3D:
-    """Random rotation about each axis (degrees) and isotropic scaling, trilinear, zero fill."""
-
-    def __init__(self, degrees: float = 5.0, scale: float = 0.05, probability: float = 0.5) -> None:
-        self.degrees, self.scale, self.probability = float(degrees), float(scale), float(probability)
-
-    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
-        if (self.degrees <= 0 and self.scale <= 0) or torch.rand(()) >= self.probability:
-            return volume
-        angles = (torch.rand(3, dtype=torch.float64) * 2 - 1) * math.radians(self.degrees)
-        zoom = 1.0 + (float(torch.rand(())) * 2 - 1) * self.scale
-        rotation = torch.eye(3, dtype=torch.float64)
-        for axis, angle in enumerate(angles.tolist()):
-            c, s = math.cos(angle), math.sin(angle)
-            i, j = [a for a in range(3) if a != axis]
-            step = torch.eye(3, dtype=torch.float64)
-            step[i, i], step[i, j], step[j, i], step[j, j] = c, -s, s, c
-            rotation = step @ rotation
-        theta = torch.zeros(1, 3, 4, dtype=torch.float32)
-        theta[0, :, :3] = (rotation / zoom).float()
-        grid = F.affine_grid(theta, [1, *volume.shape], align_corners=False)
-        return F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-
-
-class RandomIntensityJitter:
-    """Random gamma and contrast: x -> (x ** gamma) * c, with log-gamma and c - 1 within +-strength."""
-
-    def __init__(self, strength: float = 0.1, probability: float = 0.5) -> None:
-        self.strength, self.probability = float(strength), float(probability)
-
-    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
-        if self.strength <= 0 or torch.rand(()) >= self.probability:
-            return volume
-        gamma = math.exp((float(torch.rand(())) * 2 - 1) * self.strength)
-        contrast = 1.0 + (float(torch.rand(())) * 2 - 1) * self.strength
-        return volume.clamp(min=0).pow(gamma).mul_(contrast).clamp_(0.0, 1.0)
-
-
-class RandomBiasField:
-    """Smooth multiplicative field (MRI coil inhomogeneity): exp of an upsampled 4^3 Gaussian grid."""
-
-    def __init__(self, strength: float = 0.2, probability: float = 0.5) -> None:
-        self.strength, self.probability = float(strength), float(probability)
-
-    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
-        if self.strength <= 0 or torch.rand(()) >= self.probability:
-            return volume
-        coarse = torch.randn(1, 1, 4, 4, 4) * self.strength
-        field = F.interpolate(coarse, size=tuple(volume.shape[1:]), mode="trilinear", align_corners=True)[0]
-        return volume.mul(field.exp_()).clamp_(0.0, 1.0)
-
-
-class RandomGaussianNoise:
-    """Additive Gaussian noise with standard deviation ``std``."""
-
-    def __init__(self, std: float = 0.01, probability: float = 0.5) -> None:
-        self.std, self.probability = float(std), float(probability)
-
-    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
-        if self.std <= 0 or torch.rand(()) >= self.probability:
-            return volume
-        return volume.add(torch.randn_like(volume), alpha=self.std).clamp_(0.0, 1.0)
-
-
-DEFAULT_AUGMENT = {
-    "affine_degrees": 5.0,
-    "affine_scale": 0.05,
-    "intensity_jitter": 0.1,
-    "bias_field": 0.2,
-    "noise_std": 0.01,
-    "probability": 0.5,
-}
-
-
-def build_augmentation(options: Optional[Mapping[str, Any]]) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """Augmentation transforms from a config mapping (missing keys take ``DEFAULT_AUGMENT``)."""
-    unknown = set(options or {}) - set(DEFAULT_AUGMENT)
-    if unknown:
-        raise ValueError(f"unknown augment option(s) {sorted(unknown)}; known: {sorted(DEFAULT_AUGMENT)}")
-    opts = {**DEFAULT_AUGMENT, **dict(options or {})}
-    p = float(opts["probability"])
-    return [
-        RandomAffine3D(opts["affine_degrees"], opts["affine_scale"], p),
-        RandomBiasField(opts["bias_field"], p),
-        RandomIntensityJitter(opts["intensity_jitter"], p),
-        RandomGaussianNoise(opts["noise_std"], p),
-    ]

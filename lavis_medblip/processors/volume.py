@@ -44,9 +44,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lavis_medblip.processors.readers import DEFAULT_READERS, load_volume
 from lavis_medblip.processors.volume_types import Volume, VolumeLimits, VolumeReadError, VolumeReader
+from lavis_medblip.processors.augment import build_augmentation
+from lavis_medblip.processors.template import RegisterToTemplate
 from lavis_medblip.processors.transforms import (
     Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ReplaceNonFinite, ResampleToFieldOfView,
-    RegisterToTemplate, ResizeLongestSide, ScaleIntensityPercentiles, ToCanonicalRAS, build_augmentation,
+    ResizeLongestSide, ScaleIntensityPercentiles, ToCanonicalRAS,
 )
 from lavis_medblip.processors.volume_cache import CACHE_STORAGE_DTYPES, VolumeCache, decode
 
