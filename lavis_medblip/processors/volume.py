@@ -1,7 +1,7 @@
 """Registered 3D MRI volume processors: ``mri_volume_eval`` and ``mri_volume_train``.
 
 Design follows MONAI: one reader per file format behind a common interface (``readers.py``),
-and small transform classes with ``__call__`` (``transforms.py``) that a processor composes::
+and small transform classes with ``__call__`` (``transforms.py``, ``template.py``, ``augment.py``) that a processor composes::
 
     read (NIfTI / MGH / M3D .npy / DICOM series; the header checked against VolumeLimits first)
       -> EnsureVolume3D -> ReplaceNonFinite
@@ -291,7 +291,7 @@ class MriVolumeEvalProcessor(MriVolumeProcessor):
 class MriVolumeTrainProcessor(MriVolumeProcessor):
     """Train: deterministic preprocessing (cacheable), then random augmentation.
 
-    ``augment`` maps the keys of :data:`DEFAULT_AUGMENT` to values (missing keys keep their
+    ``augment`` maps the keys of :data:`~lavis_medblip.processors.augment.DEFAULT_AUGMENT` to values (missing keys keep their
     defaults); ``None``/``False`` turns augmentation off.
     """
 
