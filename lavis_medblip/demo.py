@@ -166,10 +166,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     start = time.time()
 
-    from dataset_builders.simulate_cohort import simulate_cohort
-
-    simulate_cohort(COHORT_DIR, subjects_per_class=args.subjects_per_class, seed=args.seed,
-                    atrophy_scale=args.atrophy_scale, workers=2)
+    # The simulator is a checkout tool (dataset_builders/), never imported by the package: run its CLI.
+    simulate = [sys.executable, "-m", "dataset_builders.simulate_cohort", "--out", str(COHORT_DIR),
+                "--subjects-per-class", str(args.subjects_per_class), "--seed", str(args.seed),
+                "--atrophy-scale", str(args.atrophy_scale), "--workers", "2"]
+    print("$", " ".join(simulate), flush=True)
+    subprocess.run(simulate, check=True)
     shuffled_test = write_shuffled_test(args.seed)
     warm_volume_cache()
     seed = [f"run.seed={args.train_seed}"] if args.train_seed is not None else []
