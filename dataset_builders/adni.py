@@ -25,10 +25,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dataset_builders.common import (BuildResult, Issues, Scan, SplitOptions, Visit, base_parser,
-                                     build_annotations, date_in_path, discover_scans, label_or_error, normalize_viscode,
-                                     number, parse_date, parse_scans, read_table, require_columns, row_location,
-                                     run_cli, split_options, text_value, viscode_in_path)
+from dataset_builders.annotate import BuildResult, build_annotations
+from dataset_builders.cli import base_parser, run_cli, split_options
+from dataset_builders.matching import (Scan, Visit, date_in_path, discover_scans, label_or_error,
+                                       normalize_viscode, parse_scans, viscode_in_path)
+from dataset_builders.splits import SplitOptions
+from dataset_builders.tables import (Issues, number, parse_date, read_table, require_columns, row_location,
+                                     text_value)
 
 REQUIRED = ("PTID", "VISCODE", "EXAMDATE")
 _PTID = re.compile(r"(?<!\d)(\d{3})_S_(\d{4})(?!\d)")

@@ -32,10 +32,12 @@ from typing import Sequence
 
 import pandas as pd
 
-from dataset_builders.common import (BuildResult, Issues, Scan, SplitOptions, Visit, base_parser,
-                                     build_annotations, date_in_path, discover_scans, label_or_error,
-                                     normalize_viscode, number, parse_date, parse_scans, read_table, row_location,
-                                     run_cli, split_options, text_value, viscode_in_path, years_between)
+from dataset_builders.annotate import BuildResult, build_annotations
+from dataset_builders.cli import base_parser, run_cli, split_options
+from dataset_builders.matching import (Scan, Visit, date_in_path, discover_scans, label_or_error,
+                                       normalize_viscode, parse_scans, viscode_in_path)
+from dataset_builders.splits import SplitOptions
+from dataset_builders.tables import Issues, number, parse_date, read_table, row_location, text_value, years_between
 
 DXCURREN = {"1": "NC", "2": "MCI", "3": "AD"}
 #: table name → (required, columns it contributes); keyed by RID + VISCODE except ptdemog (RID).

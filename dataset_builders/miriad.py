@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from dataset_builders.common import (BuildResult, Issues, Scan, SplitOptions, Visit, base_parser,
-                                     build_annotations, discover_scans, find_column, label_or_error, number,
-                                     parse_scans, read_table, row_location, run_cli, split_options)
+from dataset_builders.annotate import BuildResult, build_annotations
+from dataset_builders.cli import base_parser, run_cli, split_options
+from dataset_builders.matching import Scan, Visit, discover_scans, label_or_error, parse_scans
+from dataset_builders.splits import SplitOptions
+from dataset_builders.tables import Issues, find_column, number, read_table, row_location
 
 MIRIAD_CLASSES = ("NC", "AD")
 _NAME = re.compile(r"miriad_(\d+)_([A-Za-z]+)_([MF])_(\d+)_MR_(\d+)", re.IGNORECASE)

@@ -29,9 +29,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from dataset_builders.common import (BuildResult, Issues, Scan, SplitOptions, Visit, base_parser,
-                                     build_annotations, date_in_path, discover_scans, label_or_error, number,
-                                     parse_scans, read_table, row_location, run_cli, split_options, text_value)
+from dataset_builders.annotate import BuildResult, build_annotations
+from dataset_builders.cli import base_parser, run_cli, split_options
+from dataset_builders.matching import Scan, Visit, date_in_path, discover_scans, label_or_error, parse_scans
+from dataset_builders.splits import SplitOptions
+from dataset_builders.tables import Issues, number, read_table, row_location, text_value
 
 REQUIRED = ("NACCID", "NACCVNUM", "VISITYR", "VISITMO", "VISITDAY", "NACCUDSD")
 _NACCID = re.compile(r"NACC\d{6}", re.IGNORECASE)

@@ -33,9 +33,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from dataset_builders.common import (BuildResult, Issues, Scan, SplitOptions, Visit, base_parser,
-                                     build_annotations, discover_scans, label_or_error, number, parse_scans,
-                                     read_table, row_location, run_cli, split_options)
+from dataset_builders.annotate import BuildResult, build_annotations
+from dataset_builders.cli import base_parser, run_cli, split_options
+from dataset_builders.matching import Scan, Visit, discover_scans, label_or_error, parse_scans
+from dataset_builders.splits import SplitOptions
+from dataset_builders.tables import Issues, number, read_table, row_location
 
 OASIS1_REQUIRED = ("ID",)
 OASIS2_REQUIRED = ("Subject ID", "MRI ID", "Group")
