@@ -62,12 +62,16 @@ def test_no_source_file_is_over_400_lines():
 
 
 def copied_runs() -> dict[tuple[str, ...], list[str]]:
-    """Runs of ``COPY_WINDOW`` identical code lines found in two places (stripped; blank lines, comments and
-    parameter lists left out)."""
+    """Runs of ``COPY_WINDOW`` identical code lines found in two places (stripped; blank lines, comments,
+    imports and parameter lists left out)."""
     places: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for path in python_files(*SOURCE_ROOTS):
-        code = [(number, line.strip()) for number, line in enumerate(path.read_text().splitlines(), start=1)
-                if line.strip() and not line.strip().startswith("#") and not SIGNATURE_LINE.fullmatch(line.strip())]
+        text = path.read_text()
+        imports = {number for node in ast.walk(ast.parse(text)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                   for number in range(node.lineno, node.end_lineno + 1)}
+        code = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)
+                if line.strip() and not line.strip().startswith("#") and number not in imports
+                and not SIGNATURE_LINE.fullmatch(line.strip())]
         for start in range(len(code) - COPY_WINDOW + 1):
             run = tuple(text for _, text in code[start:start + COPY_WINDOW])
             if sum(len(text) for text in run) > 120:  # a run of brackets and short lines is no copied logic
