@@ -9,6 +9,7 @@ from accelerate import init_empty_weights
 from lavis.common.registry import registry
 from lavis.models import load_model_and_preprocess, model_zoo
 from lavis.models.eva_vit import VisionTransformer
+from omegaconf import OmegaConf
 
 from lavis_medblip.models import MedBLIP
 from lavis_medblip.models.vision_3d import build_vit_3d
@@ -98,8 +99,8 @@ def test_freeze_qformer_bert_trains_only_what_the_qformer_adds_to_bert(tiny_conf
 
 
 def test_llama_family_lms_score_answers_from_answer_position_logits_only(tiny_config, samples):
-    tiny_config.lm_config_overrides = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 30522}
+    tiny_config.lm.config_overrides = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                      "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 30522}
     model = MedBLIP.from_config(tiny_config).eval()
     assert model.language_model.keeps_chosen_logits  # GPT-2 has no logits_to_keep: it computes them all
     chosen = model.predict_answers(samples, CLASSES).scores
@@ -111,7 +112,7 @@ def test_lora_adds_rank_times_in_plus_out_per_target(tiny_config):
     model = MedBLIP.from_config(tiny_config)  # tiny GPT-2: LoRA r=4 on the fused c_attn (64 → 192), 2 layers
     lora = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
     assert lora == 2 * 4 * (64 + 192)
-    tiny_config.lora.enabled = False
+    tiny_config.lm.lora.enabled = False
     frozen_lm = MedBLIP.from_config(tiny_config)
     assert not any(p.requires_grad for p in frozen_lm.language_model.parameters())
 
@@ -265,14 +266,14 @@ def test_blip2_qformer_checkpoint_loads_and_skips_unused_heads(tiny_config, tmp_
 
 
 @pytest.mark.parametrize("key, value", [
-    ("vit_weights", "/nonexistent/eva_vit_g.pth"),
-    ("qformer_bert", "/nonexistent/bert"),
-    ("lm_tokenizer", "/nonexistent/lm"),
+    ("vision.weights", "/nonexistent/eva_vit_g.pth"),
+    ("qformer.bert", "/nonexistent/bert"),
+    ("lm.tokenizer", "/nonexistent/lm"),
 ])
 def test_a_missing_weight_names_the_yaml_key_to_set(tiny_config, key, value):
-    tiny_config[key] = value
-    if key == "qformer_bert":
-        tiny_config.qformer_load_bert_weights = True
+    OmegaConf.update(tiny_config, key, value)
+    if key == "qformer.bert":
+        tiny_config.qformer.load_bert_weights = True
     with pytest.raises((OSError, ValueError), match=f"model.{key}"):
         MedBLIP.from_config(tiny_config)
 

@@ -23,25 +23,13 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
+from lavis_medblip.models.config import LM_DTYPES, LanguageModelConfig, LoRAConfig
 from lavis_medblip.models.weights import from_pretrained_or_explain
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-PROMPT_SEGMENTS = ("image", "text", "question")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class LoRASettings:
-    """LoRA on the LM's attention query/value projections (paper §3.4)."""
-
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    #: ``None`` takes peft's default for the LM family (q/v projections; GPT-2's fused ``c_attn``).
-    target_modules: list[str] | None = None
+DTYPES = {name: getattr(torch, name) for name in LM_DTYPES}
 
 
 @dataclass
@@ -66,42 +54,40 @@ class LanguageModel(nn.Module):
         # prompt position is a fifth of a CPU training step, and only the answer positions are scored.
         self.keeps_chosen_logits = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
         if tokenizer.eos_token_id is None:
-            raise ValueError(f"the LM tokenizer {type(tokenizer).__name__} has no eos token; set lm_tokenizer_kwargs.eos_token")
+            raise ValueError(f"the LM tokenizer {type(tokenizer).__name__} has no eos token; "
+                             f"set model.lm.tokenizer_kwargs.eos_token")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token  # padding is masked out, any id will do
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "LanguageModel":
-        """Build from the ``lm_*`` keys of a MedBLIP model config (see ``configs/medblip_*.yaml``)."""
-        name = cfg.get("lm_model")
-        overrides = cfg.get("lm_config_overrides")
-        dtype = DTYPES[cfg.get("lm_dtype", "float32")]
-        remote = bool(cfg.get("trust_remote_code", False))
-        gguf_file = cfg.get("lm_gguf_file")
-        tokenizer_source = cfg.get("lm_tokenizer") or name
+    def from_config(cls, config: LanguageModelConfig) -> "LanguageModel":
+        """Build from ``model.lm``: a pretrained LM (or a random one of ``config_overrides``), frozen, with LoRA."""
+        name, remote, gguf_file = config.model, config.trust_remote_code, config.gguf_file
+        dtype = DTYPES[config.dtype]
+        tokenizer_source = config.tokenizer or name
         if tokenizer_source is None:
-            raise ValueError("set model.lm_tokenizer (or model.lm_model) to a tokenizer name or folder")
-        tokenizer_kwargs = dict(cfg.get("lm_tokenizer_kwargs") or {})
+            raise ValueError("set model.lm.tokenizer (or model.lm.model) to a tokenizer name or folder")
+        tokenizer_kwargs = dict(config.tokenizer_kwargs or {})
         if gguf_file and tokenizer_source == name:
             tokenizer_kwargs["gguf_file"] = gguf_file
-        tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, "lm_tokenizer", tokenizer_source,
-                          trust_remote_code=remote, **tokenizer_kwargs)
-        if overrides:  # random init from an explicit architecture (tiny CPU configs)
-            overrides = dict(overrides)
-            config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
-            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            model = auto.from_config(config, torch_dtype=dtype)
+        tokenizer = from_pretrained_or_explain(AutoTokenizer.from_pretrained, "lm.tokenizer", tokenizer_source,
+                                               trust_remote_code=remote, **tokenizer_kwargs)
+        if config.config_overrides:  # random init from an explicit architecture (tiny CPU configs)
+            overrides = dict(config.config_overrides)
+            lm_config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
+            auto = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
+            model = auto.from_config(lm_config, torch_dtype=dtype)
         else:
-            config = from_pretrained_or_explain(AutoConfig.from_pretrained, "lm_model", name, trust_remote_code=remote,
-                           **({"gguf_file": gguf_file} if gguf_file else {}))
-            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-            model = from_pretrained_or_explain(auto.from_pretrained, "lm_model", name, torch_dtype=dtype, trust_remote_code=remote,
-                          **({"gguf_file": gguf_file} if gguf_file else {}))
+            gguf = {"gguf_file": gguf_file} if gguf_file else {}
+            lm_config = from_pretrained_or_explain(AutoConfig.from_pretrained, "lm.model", name,
+                                                   trust_remote_code=remote, **gguf)
+            auto = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
+            model = from_pretrained_or_explain(auto.from_pretrained, "lm.model", name, torch_dtype=dtype,
+                                               trust_remote_code=remote, **gguf)
         for parameter in model.parameters():
             parameter.requires_grad = False
-        lora = LoRASettings(**dict(cfg.get("lora") or {}))
-        if lora.enabled:
-            model = _add_lora(model, lora)
+        if config.lora.enabled:
+            model = _add_lora(model, config.lora)
         return cls(model, tokenizer)
 
     @property
@@ -213,24 +199,23 @@ class LanguageModel(nn.Module):
         return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
 
 
-def _add_lora(model: nn.Module, lora: LoRASettings) -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def _add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULT_TARGETS
 
     family = model.config.model_type
     targets = lora.target_modules or DEFAULT_TARGETS.get(family)
     if not targets:
         raise ValueError(
-            f"no default LoRA target modules for LM family {family!r}; set model.lora.target_modules "
+            f"no default LoRA target modules for LM family {family!r}; set model.lm.lora.target_modules "
             f"(e.g. the attention query/value projection names)"
         )
     # GPT-2-style Conv1D layers store weights transposed
     fan_in_fan_out = any(isinstance(module, Conv1D) for name, module in model.named_modules()
                          if name.split(".")[-1] in targets)
     task = TaskType.SEQ_2_SEQ_LM if model.config.is_encoder_decoder else TaskType.CAUSAL_LM
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(targets), task_type=task,
-                        fan_in_fan_out=fan_in_fan_out)
+    config = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=list(targets), task_type=task, fan_in_fan_out=fan_in_fan_out)
     peft_model = get_peft_model(model, config)
     logger.info("LoRA on %s %s: r=%d alpha=%d dropout=%.2f", family, targets, lora.r, lora.alpha, lora.dropout)
     return peft_model

@@ -16,11 +16,9 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 from torch.nn import functional as F
 from transformers import BertTokenizer
@@ -30,15 +28,15 @@ from lavis.common.dist_utils import get_rank
 from lavis.common.registry import registry
 from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
-from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+from lavis.models.blip2_models.Qformer import BertLMHeadModel
 
-from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
+from lavis_medblip.models.config import MODEL_TYPES, ComposedConfigPath, MedBLIPConfig, model_type_file
 from lavis_medblip.models.feature_cache import VisionFeatureCache
-from lavis_medblip.models.language_model import PROMPT_SEGMENTS, LanguageModel
-from lavis_medblip.models.vision_3d import build_vit_3d, freeze_vit_blocks, load_vit_weights
+from lavis_medblip.models.language_model import LanguageModel
+from lavis_medblip.models.qformer import build_qformer, is_qformer_addition
+from lavis_medblip.models.vision_3d import build_vision_encoder, freeze_vit_blocks
 from lavis_medblip.models.weights import (
     check_fits,
-    from_pretrained_or_explain,
     read_checkpoint,
     read_state_dict,
     model_name,
@@ -48,7 +46,6 @@ from lavis_medblip.models.weights import (
 
 logger = logging.getLogger(__name__)
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 #: Keys of a BLIP-2 checkpoint that MedBLIP does not use (ITG head, ITM head, the 2D ViT).
 BLIP2_UNUSED_PREFIXES = ("Qformer.cls.", "itm_head.", "visual_encoder.")
 BLIP2_QFORMER_PREFIXES = ("Qformer.", "query_tokens", "vision_proj.", "text_proj.", "temp", "ln_vision.")
@@ -89,189 +86,93 @@ def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tens
             + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
 
 
-def copy_text_ffn_to_query_ffn(qformer: nn.Module) -> None:
-    """Start the queries' feed-forward layers (``*_query``) from BERT's, as LAVIS's ``Blip2Qformer`` does.
-
-    ``from_pretrained`` leaves them random (BERT has no such layers); a BLIP-2 checkpoint, when
-    loaded afterwards, overwrites them with its trained values.
-    """
-    state = qformer.state_dict()
-    with torch.no_grad():
-        for name, parameter in qformer.named_parameters():
-            if "_query" in name:
-                parameter.copy_(state[name.replace("_query", "")])
-
-
-def is_qformer_addition(name: str) -> bool:
-    """Whether a parameter of the Q-Former's BERT is one the Q-Former adds (cross-attention, query FFN)."""
-    return "crossattention" in name or "_query" in name
-
-
 @registry.register_model("medblip")
 class MedBLIP(Blip2Base):
     """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA."""
 
     PRETRAINED_MODEL_CONFIG_DICT = {
-        name: str(CONFIG_DIR / f"medblip_{name}.yaml")  # absolute: LAVIS joins it to its own dir
-        for name in ("biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora", "tiny", "demo")
+        name: str(model_type_file(name)) for name in MODEL_TYPES  # each reads as a whole: default_config_path
     }
 
     def __init__(
         self,
+        config: MedBLIPConfig,
         vision_encoder: nn.Module,
-        qformer: nn.Module,
+        qformer: BertLMHeadModel,
         query_tokens: nn.Parameter,
         tokenizer: BertTokenizer,
         language_model: LanguageModel,
-        embed_dim: int = 256,
-        max_text_len: int = 256,
-        max_prompt_len: int = 256,
-        max_answer_len: int = 32,
-        lambda_lm: float = 1.0,
-        prompt_order: Sequence[str] = PROMPT_SEGMENTS,
-        question: str = DIAGNOSIS_QUESTION,
-        freeze_vit: bool = True,
-        freeze_vision_stem: bool = False,
-        vision_feature_cache: str | os.PathLike | None = None,
-        freeze_qformer_bert: bool = False,
     ):
+        """Assemble the built parts (see :meth:`build`); ``config`` also says what trains and how prompts read."""
         super().__init__()
-        if sorted(prompt_order) != sorted(PROMPT_SEGMENTS):
-            raise ValueError(f"prompt_order must order {list(PROMPT_SEGMENTS)}, got {list(prompt_order)}")
-        if vision_feature_cache and not freeze_vision_stem:
-            raise ValueError(
-                f"model.vision_feature_cache is set ({vision_feature_cache}) but model.freeze_vision_stem is "
-                f"false: cached ViT outputs would go stale as the 3D stem trains. Set freeze_vision_stem: true "
-                f"(e.g. a second stage training only the Q-Former and LoRA) or vision_feature_cache: null."
-            )
+        self.config = config
         self.visual_encoder = vision_encoder
-        if freeze_vit:  # frozen blocks stay in eval mode, as in BLIP-2
+        freeze_vit_blocks(vision_encoder, config.freeze_vit)
+        if config.freeze_vit:  # frozen blocks stay in eval mode, as in BLIP-2
             self.visual_encoder.train = disabled_train.__get__(self.visual_encoder)
-        if freeze_vision_stem:  # the whole vision path (stem, CLS token, ViT blocks) is frozen
+        if config.freeze_vision_stem:  # the whole vision path (stem, CLS token, ViT blocks) is frozen
             for parameter in vision_encoder.parameters():
                 parameter.requires_grad = False
-        self.feature_cache = VisionFeatureCache(vision_feature_cache, vision_encoder) if vision_feature_cache else None
+        cache = config.vision_feature_cache
+        self.feature_cache = VisionFeatureCache(cache, vision_encoder) if cache else None
         self.ln_vision = LayerNorm(vision_encoder.num_features)
         self.Qformer = qformer
-        if freeze_qformer_bert:  # keeps a small BERT's pretraining; the text branch then needs no backward
+        if config.freeze_qformer_bert:  # keeps a small BERT's pretraining; the text branch then needs no backward
             for name, parameter in qformer.bert.named_parameters():
                 parameter.requires_grad = is_qformer_addition(name)
         self.query_tokens = query_tokens
         self.tokenizer = tokenizer
         hidden = qformer.config.hidden_size
-        self.vision_proj = nn.Linear(hidden, embed_dim)
-        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.vision_proj = nn.Linear(hidden, config.qformer.embed_dim)
+        self.text_proj = nn.Linear(hidden, config.qformer.embed_dim)
         self.temp = nn.Parameter(0.07 * torch.ones([]))
         self.language_model = language_model
         self.llm_proj = nn.Linear(hidden, language_model.hidden_size)
-        self.max_text_len = max_text_len
-        self.max_prompt_len = max_prompt_len
-        self.max_answer_len = max_answer_len
-        self.lambda_lm = lambda_lm
-        self.prompt_order = tuple(prompt_order)
-        self.question = question
+        self.max_text_len = config.qformer.max_text_len
+        self.max_prompt_len = config.max_prompt_len
+        self.max_answer_len = config.max_answer_len
+        self.lambda_lm = config.loss.lambda_lm
+        self.prompt_order = tuple(config.prompt_order)
+        self.question = config.question
         self.finetuned_keys: set[str] = set()  # loaded by load_checkpoint: later checkpoints keep them
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
-    def init_Qformer(
-        cls,
-        num_query_token: int,
-        vision_width: int,
-        cross_attention_freq: int = 2,
-        bert: str = "bert-base-uncased",
-        load_bert_weights: bool = True,
-        config_overrides: Mapping[str, Any] | None = None,
-    ) -> tuple[BertLMHeadModel, nn.Parameter]:
-        """LAVIS's Q-Former, with the BERT source (hub name or folder) and size configurable."""
-        if load_bert_weights:
-            config = from_pretrained_or_explain(BertConfig.from_pretrained, "qformer_bert", bert)
-        else:
-            config = BertConfig.from_pretrained(bert) if os.path.isfile(os.path.join(bert, "config.json")) else BertConfig()
-        for key, value in dict(config_overrides or {}).items():
-            setattr(config, key, value)
-        config.encoder_width = vision_width
-        config.add_cross_attention = True
-        config.cross_attention_freq = cross_attention_freq
-        config.query_length = num_query_token
-        if load_bert_weights:
-            qformer = from_pretrained_or_explain(BertLMHeadModel.from_pretrained, "qformer_bert", bert, config=config)
-        else:
-            qformer = BertLMHeadModel(config)
-        query_tokens = nn.Parameter(torch.zeros(1, num_query_token, config.hidden_size))
-        query_tokens.data.normal_(mean=0.0, std=config.initializer_range)
-        return qformer, query_tokens
+    def default_config_path(cls, model_type: str) -> ComposedConfigPath:
+        """The model type's YAML file, which ``OmegaConf.load`` (as every LAVIS loader) reads as the whole config.
 
-    @classmethod
-    def init_tokenizer(cls, bert: str = "bert-base-uncased") -> BertTokenizer:
-        """The Q-Former's BERT tokenizer (for the ITC text branch), as LAVIS builds it."""
-        tokenizer = from_pretrained_or_explain(BertTokenizer.from_pretrained, "qformer_bert", bert)
-        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-        return tokenizer
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "MedBLIP":
-        """Build from a model config (``configs/medblip_*.yaml``), then load the configured weights.
-
-        Parts without pretrained weights are initialised from ``init_seed`` (default 0), whatever
-        the global RNG state, so that a checkpoint of trainable parameters always fits the same
-        frozen backbone; the global RNG is left as it was.
+        The file holds only what differs from ``medblip_base.yaml``; see :class:`ComposedConfigPath`.
         """
-        cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
+            available = list(cls.PRETRAINED_MODEL_CONFIG_DICT)
+            raise ValueError(f"unknown medblip model type {model_type!r}. Available: {available}")
+        return ComposedConfigPath(cls.PRETRAINED_MODEL_CONFIG_DICT[model_type])
+
+    @classmethod
+    def from_config(cls, cfg: MedBLIPConfig | Mapping[str, Any]) -> "MedBLIP":
+        """Build from a model config (:class:`MedBLIPConfig`, or a ``model:`` section), then load its weights.
+
+        Parts without pretrained weights are initialised from ``init_seed``, whatever the global RNG
+        state, so that a checkpoint of trainable parameters always fits the same frozen backbone;
+        the global RNG is left as it was.
+        """
+        config = cfg if isinstance(cfg, MedBLIPConfig) else MedBLIPConfig.from_dict(cfg)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.get("init_seed", 0))
-            model = cls._build(cfg)
-        model.config = cfg
-        if cfg.get("qformer_pretrained"):
-            model.load_from_pretrained(cfg["qformer_pretrained"])
-        if cfg.get("load_finetuned") and cfg.get("finetuned"):
-            model.load_checkpoint(cfg["finetuned"])
+            torch.manual_seed(config.init_seed)
+            model = cls.build(config)
+        if config.qformer_pretrained:
+            model.load_from_pretrained(config.qformer_pretrained)
+        if config.load_finetuned and config.finetuned:
+            model.load_checkpoint(config.finetuned)
         return model
 
     @classmethod
-    def _build(cls, cfg: dict[str, Any]) -> "MedBLIP":
-        vit = build_vit_3d(
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            image_size=cfg.get("image_size", 224),
-            patch_size=cfg.get("patch_size", 32),
-            patch_stride=cfg.get("patch_stride"),
-            vit_arch=cfg.get("vit_arch"),
-            use_grad_checkpoint=cfg.get("vit_grad_checkpoint", False),
-        )
-        if cfg.get("vit_weights"):
-            load_vit_weights(vit, cfg["vit_weights"])
-        freeze_vit_blocks(vit, cfg.get("vit_precision", "fp16"), freeze=cfg.get("freeze_vit", True))
-
-        bert = cfg.get("qformer_bert", "bert-base-uncased")
-        tokenizer = cls.init_tokenizer(bert)
-        qformer, query_tokens = cls.init_Qformer(
-            cfg.get("num_query_token", 32), vit.num_features, cfg.get("cross_attention_freq", 2),
-            bert=bert, load_bert_weights=cfg.get("qformer_load_bert_weights", True),
-            config_overrides=cfg.get("qformer_config_overrides"),
-        )
-        qformer.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # [DEC] starts random, as in LAVIS
-        if cfg.get("qformer_load_bert_weights", True):
-            copy_text_ffn_to_query_ffn(qformer)
-        qformer.cls = None  # no image-grounded text generation in MedBLIP: the LM speaks
-        model = cls(
-            vision_encoder=vit,
-            qformer=qformer,
-            query_tokens=query_tokens,
-            tokenizer=tokenizer,
-            language_model=LanguageModel.from_config(cfg),
-            embed_dim=cfg.get("embed_dim", 256),
-            max_text_len=cfg.get("max_text_len", 256),
-            max_prompt_len=cfg.get("max_prompt_len", 256),
-            max_answer_len=cfg.get("max_answer_len", 32),
-            lambda_lm=cfg.get("lambda_lm", 1.0),
-            prompt_order=cfg.get("prompt_order", PROMPT_SEGMENTS),
-            question=cfg.get("question", DIAGNOSIS_QUESTION),
-            freeze_vit=cfg.get("freeze_vit", True),
-            freeze_vision_stem=cfg.get("freeze_vision_stem", False),
-            vision_feature_cache=cfg.get("vision_feature_cache"),
-            freeze_qformer_bert=cfg.get("freeze_qformer_bert", False),
-        )
-        return model
+    def build(cls, config: MedBLIPConfig) -> "MedBLIP":
+        """The parts in a fixed order (the random ones draw from the RNG in it), each from its own section."""
+        vision_encoder = build_vision_encoder(config.vision, config.image_size)
+        qformer, query_tokens, tokenizer = build_qformer(config.qformer, vision_encoder.num_features)
+        language_model = LanguageModel.from_config(config.lm)
+        return cls(config, vision_encoder, qformer, query_tokens, tokenizer, language_model)
 
     # ---- encoders ---------------------------------------------------------------------------------
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
@@ -439,7 +340,7 @@ class MedBLIP(Blip2Base):
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """:meth:`checkpoint_state_dict` plus the model config, written atomically; loads on top of the frozen backbones."""
-        save_checkpoint_file({"model": self.checkpoint_state_dict(), "config": getattr(self, "config", None)}, path)
+        save_checkpoint_file({"model": self.checkpoint_state_dict(), "config": self.config.to_dict()}, path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load a checkpoint of trainable parameters (ours, or a LAVIS runner's).
@@ -451,7 +352,7 @@ class MedBLIP(Blip2Base):
         state_dict = state_dict_of(checkpoint, url_or_filename)
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         check_fits(url_or_filename, checkpoint, self.state_dict(), required=trainable,
-                   this_model=model_name(getattr(self, "config", None)))
+                   this_model=model_name(self.config.to_dict()))
         self.load_state_dict(state_dict, strict=False)
         self.finetuned_keys |= set(state_dict)
         logger.info("Loaded %d tensors from %s", len(state_dict), url_or_filename)

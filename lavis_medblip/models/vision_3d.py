@@ -19,15 +19,11 @@ from torch import nn
 
 from lavis.models.eva_vit import VisionTransformer, convert_weights_to_fp16
 
+from lavis_medblip.models.config import VIT_PRESETS, VisionConfig
 from lavis_medblip.models.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
-#: Architectures of the 2D encoders the 3D stem can feed, by LAVIS's ``vit_model`` name.
-VIT_PRESETS: dict[str, dict[str, Any]] = {
-    # LAVIS's create_eva_vit_g: EVA-CLIP ViT-g/14 with its last block removed (39 of 40).
-    "eva_clip_g": dict(embed_dim=1408, depth=39, num_heads=16, mlp_ratio=4.3637, qkv_bias=True),
-}
 EVA_VIT_G_URL = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/eva_vit_g.pth"
 #: The 2D stem's weights in a ViT checkpoint: replaced by the 3D stem, so deliberately not loaded.
 STEM_2D_KEYS = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed")
@@ -56,10 +52,25 @@ class PatchEmbed3D(nn.Module):
         return self.proj(volume).flatten(2).transpose(1, 2)
 
 
+def build_vision_encoder(vision: VisionConfig, image_size: int) -> VisionTransformer:
+    """The vision path of ``model.vision`` for volumes of ``image_size``³: built, weights loaded, blocks cast.
+
+    Which parts train is the model's choice (:func:`freeze_vit_blocks`, ``freeze_vision_stem``).
+    """
+    vit = build_vit_3d(vision.model, image_size, vision.patch_size, vision.patch_stride, vit_arch=vision.arch,
+                       use_grad_checkpoint=vision.grad_checkpoint)
+    if vision.weights:
+        load_vit_weights(vit, vision.weights)
+    if vision.precision == "fp16":
+        # LAVIS's converter touches Conv1d/2d/Linear only, so the Conv3d stem stays fp32 for AdamW.
+        convert_weights_to_fp16(vit.blocks)
+    return vit
+
+
 def build_vit_3d(
-    vit_model: str = "eva_clip_g",
-    image_size: int = 224,
-    patch_size: int = 32,
+    vit_model: str,
+    image_size: int,
+    patch_size: int,
     patch_stride: int | None = None,
     in_chans: int = 1,
     vit_arch: Mapping[str, Any] | None = None,
@@ -96,32 +107,25 @@ def load_vit_weights(vit: VisionTransformer, url_or_path: str) -> None:
     The 2D patch/position weights are skipped on purpose (logged once); any other missing or
     unexpected key is an error.
     """
-    state_dict = read_state_dict(url_or_path, key="vit_weights")
+    state_dict = read_state_dict(url_or_path, key="vision.weights")
     skipped = [key for key in STEM_2D_KEYS if key in state_dict]
     state_dict = {key: value for key, value in state_dict.items() if key not in STEM_2D_KEYS}
     incompatible = vit.load_state_dict(state_dict, strict=False)
     missing = [key for key in incompatible.missing_keys if not key.startswith(("patch_embed.", "pos_embed"))]
     if missing or incompatible.unexpected_keys:
         raise RuntimeError(
-            f"ViT checkpoint {url_or_path} does not fit vit_model's architecture: "
+            f"ViT checkpoint {url_or_path} does not fit model.vision.model's architecture: "
             f"missing keys {missing[:10]}{'…' if len(missing) > 10 else ''}, "
             f"unexpected keys {incompatible.unexpected_keys[:10]}"
         )
     logger.info("Loaded ViT weights from %s; not loaded on purpose (replaced by the 3D stem): %s", url_or_path, skipped)
 
 
-def freeze_vit_blocks(vit: VisionTransformer, precision: str, freeze: bool = True) -> None:
-    """Freeze everything but the 3D stem (patch embedding, position embedding, CLS token).
+def freeze_vit_blocks(vit: VisionTransformer, freeze: bool) -> None:
+    """Freeze everything but the 3D stem (patch embedding, position embedding, CLS token), or train it all.
 
-    ``freeze=False`` (BLIP-2's ``freeze_vit: false``) trains the blocks too, in fp32; it is meant
-    for encoders without pretrained weights, such as the CPU demo's.
+    ``freeze=False`` (``model.freeze_vit: false``) trains the blocks too; it is meant for encoders
+    without pretrained weights, such as the CPU demo's.
     """
-    if not freeze and precision != "fp32":
-        raise ValueError(f"model.freeze_vit: false needs model.vit_precision: fp32, got {precision!r}")
     for name, parameter in vit.named_parameters():
         parameter.requires_grad = not freeze or name.startswith(("patch_embed.", "pos_embed", "cls_token"))
-    if precision == "fp16":
-        # LAVIS's converter touches Conv1d/2d/Linear only, so the Conv3d stem stays fp32 for AdamW.
-        convert_weights_to_fp16(vit.blocks)
-    elif precision != "fp32":
-        raise ValueError(f"vit_precision must be 'fp16' or 'fp32', got {precision!r}")
