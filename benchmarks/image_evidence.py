@@ -25,13 +25,23 @@ import math
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 PROJECT_DIR = Path("projects/medblip")
 COHORT_DIR = Path(".cache/demo/cohort")
 DEFAULT_CHECKPOINT = Path(".cache/demo/runs/image_text")
 CUBE = slice(18, 30)  # the central 12³ voxels of a 48³ volume
 STAGES = ("ViT tokens (all)", "ViT tokens (mean)", "query outputs", "visual prefix")
+
+
+def demo_eval_processor_config() -> DictConfig:
+    """The demo evaluation's volume processor: the demo model's preprocessing, with demo_eval.yaml's cache."""
+    from lavis_medblip.models.config import load_model_config
+
+    config = OmegaConf.create(OmegaConf.to_container(load_model_config("demo").preprocess.vis_processor.eval,
+                                                     resolve=True))
+    config.merge_with(OmegaConf.load(PROJECT_DIR / "demo_eval.yaml").datasets.brain_mri.vis_processor.eval)
+    return config
 
 
 def load_split(split: str, processor, plant_cube: float,
@@ -106,8 +116,7 @@ def main() -> None:
 
     if not (COHORT_DIR / "test.jsonl").exists():
         raise SystemExit(f"no demo cohort at {COHORT_DIR}: run `make demo` first")
-    eval_cfg = OmegaConf.load(PROJECT_DIR / "demo_eval.yaml")
-    processor_cfg = eval_cfg.datasets.brain_mri.vis_processor.eval
+    processor_cfg = demo_eval_processor_config()
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
     train, test = load_split("train", processor, args.plant_cube), load_split("test", processor, args.plant_cube)
 

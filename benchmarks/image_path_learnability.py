@@ -10,14 +10,14 @@ diagnosis, neither can ITC or the LM loss, which reach the image path through th
   deviation from the template / 0.05); ``head_quantiles``: the same without the registration and
   the deviation (the demo's inputs before 2026-12-02). Every simulated subject is a warp of one
   template, so head-quantile volumes differ from each other by a small fraction of their size.
-* ``--set key=value``: demo model overrides, e.g. ``patch_size=16 patch_stride=16``.
+* ``--set key=value``: demo model overrides, e.g. ``vision.patch_size=16 vision.patch_stride=16``.
 
 It prints, every ``--eval-every`` steps, the training loss (chance ln 3 = 1.099), balanced
 accuracy on the validation subjects (training sites, unseen subjects) and on the held-out site,
 and how many held-out subjects are predicted as each class. Chance is 0.333.
 
     python benchmarks/image_path_learnability.py [--cohort .cache/demo/cohort] [--inputs demo|head_quantiles]
-        [--features vit_mean|queries] [--steps 600] [--set patch_size=16 patch_stride=16]
+        [--features vit_mean|queries] [--steps 600] [--set vision.patch_size=16 vision.patch_stride=16]
 
 Needs a simulated cohort (``make demo`` writes one to .cache/demo/cohort).
 """
@@ -34,7 +34,7 @@ import yaml
 from omegaconf import OmegaConf
 from torch.nn import functional as F
 
-from image_evidence import PROJECT_DIR, load_split
+from image_evidence import demo_eval_processor_config, load_split
 
 
 def balanced_accuracy(labels: torch.Tensor, predictions: torch.Tensor) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
 
     if not (args.cohort / "test.jsonl").exists():
         raise SystemExit(f"no simulated cohort at {args.cohort}: run `make demo` first")
-    processor_cfg = OmegaConf.load(PROJECT_DIR / "demo_eval.yaml").datasets.brain_mri.vis_processor.eval
+    processor_cfg = demo_eval_processor_config()
     if args.inputs == "head_quantiles":
         processor_cfg.register_to_template, processor_cfg.template_deviation_scale = False, None
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)

@@ -45,13 +45,13 @@ GIB = 1024**3
 
 def build_on_meta(model_type: str) -> MedBLIP:
     config = OmegaConf.load(MedBLIP.default_config_path(model_type)).model
-    config.vit_weights = None
+    config.vision.weights = None
     config.qformer_pretrained = None
-    config.qformer_load_bert_weights = False  # BertConfig() is bert-base-uncased; the vocab is vendored
-    config.qformer_bert = "${medblip_asset:bert-base-uncased}"
-    config.lm_config_overrides = LM_ARCHITECTURES[config.lm_model]
-    config.lm_tokenizer = "${medblip_asset:bert-base-uncased}"
-    config.lm_tokenizer_kwargs = {"eos_token": "[SEP]"}
+    config.qformer.load_bert_weights = False  # BertConfig() is bert-base-uncased; the vocab is vendored
+    config.qformer.bert = "${medblip_asset:bert-base-uncased}"
+    config.lm.config_overrides = LM_ARCHITECTURES[config.lm.model]
+    config.lm.tokenizer = "${medblip_asset:bert-base-uncased}"
+    config.lm.tokenizer_kwargs = {"eos_token": "[SEP]"}
     with init_empty_weights():
         return MedBLIP.from_config(config)
 
@@ -119,7 +119,7 @@ def main() -> None:
             parts[part] = parts.get(part, 0) + parameter.numel()
     for part, count in sorted(parts.items(), key=lambda item: -item[1]):
         print(f"  {part:<36}{count / 1e6:>8.2f}M")
-    print("\nckpt: gradient checkpointing of the ViT blocks (model.vit_grad_checkpoint: true); LM layers are never"
+    print("\nckpt: gradient checkpointing of the ViT blocks (model.vision.grad_checkpoint: true); LM layers are never"
           " checkpointed here.")
 
 

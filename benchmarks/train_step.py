@@ -38,7 +38,7 @@ import time
 
 SETTINGS = ("paper", "frozen", "cached")
 #: ``--vision paper``: the paper's vision geometry over the demo config (see medblip_biomedlm.yaml)
-PAPER_VISION = {"vit_arch": None, "image_size": 224, "patch_size": 32, "patch_stride": 32, "freeze_vit": True}
+PAPER_VISION = {"vision": {"arch": None, "patch_size": 32, "patch_stride": 32}, "image_size": 224, "freeze_vit": True}
 TARGET_SPEEDUP = 10.0
 
 

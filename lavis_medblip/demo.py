@@ -34,7 +34,7 @@ PROJECT_DIR = Path("projects/medblip")
 BLANK_IMAGE = [f"datasets.brain_mri.vis_processor.{split}.name=mri_volume_blank" for split in ("train", "eval")]
 VARIANTS = {"image_text": [], "text_only": BLANK_IMAGE}
 #: Stage 1 on top of demo_pretrain.yaml: no LM forward, only the two ITC losses (cheap steps, many of them).
-LM_FREE_STAGE = ["model.lambda_lm=0", "run.max_epoch=8"]
+LM_FREE_STAGE = ["model.loss.lambda_lm=0", "run.max_epoch=8"]
 
 
 def run(module: str, cfg_path: Path, options: list[str]) -> None:
@@ -126,12 +126,14 @@ def write_report(results: dict[str, dict], path: Path) -> Path:
 
     from lavis.common.registry import registry
 
+    from lavis_medblip.models.config import load_model_config
     from lavis_medblip.visualize import draw_confusion_matrix, draw_loss_curves, draw_probabilities, draw_slices
 
     records = {record.subject_id: record for record in read_annotations(COHORT_DIR / "test.jsonl")}
-    # demo_eval.yaml's preprocessing, at twice the size for the pictures
-    processor_cfg = OmegaConf.load(PROJECT_DIR / "demo_eval.yaml").datasets.brain_mri.vis_processor.eval
-    processor_cfg.image_size, processor_cfg.cache_dir, processor_cfg.template_deviation_scale = 96, None, None
+    # the demo model's preprocessing, at twice the size for the pictures, in intensities (not deviations)
+    preprocess = load_model_config("demo").preprocess
+    processor_cfg = OmegaConf.create(OmegaConf.to_container(preprocess.vis_processor.eval, resolve=True))
+    processor_cfg.image_size, processor_cfg.template_deviation_scale = 96, None
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
     class_names = results["image_text"]["metrics"]["confusion_matrix"]["labels"]
 

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
 from lavis_medblip.data.schema import CLASS_ANSWERS
+from lavis_medblip.models.config import MedBLIPConfig
 from lavis_medblip.processors.dicom import is_dicom_series
 from lavis_medblip.processors.readers import has_volume_suffix, scan_name
 from lavis_medblip.processors.volume_types import VolumeReadError, degenerate_volume_warnings
@@ -203,7 +204,11 @@ def default_device() -> str:
 
 
 def load_config(model_type: str, options: Sequence[str]) -> Any:
-    """The model type's YAML with ``key=value`` overrides merged into its ``model`` section."""
+    """The model type's YAML with ``key=value`` overrides merged into its ``model`` section.
+
+    The overrides are checked as the model reads them (an unknown or misspelt key is an error, not
+    a silently kept default); the processors follow ``model.image_size`` (``preprocess`` refers to it).
+    """
     model_class = registry.get_model_class(DEFAULT_MODEL)
     model_types = sorted(model_class.PRETRAINED_MODEL_CONFIG_DICT)
     if model_type not in model_types:
@@ -212,14 +217,11 @@ def load_config(model_type: str, options: Sequence[str]) -> Any:
     malformed = [option for option in options if "=" not in option]
     if malformed:
         raise ValueError(f"--options takes key=value pairs, got {malformed}")
-    # A typo would otherwise add a key nobody reads and silently keep the default.
-    unknown = [option for option in options if option.split("=", 1)[0].split(".")[0] not in config.model]
-    if unknown:
-        raise ValueError(f"--options {unknown}: no such key in the {model_type} model config; "
-                         f"keys are {sorted(config.model)}")
     config.model = OmegaConf.merge(config.model, OmegaConf.from_dotlist(list(options)))
-    # The 3D patch stem is built for exactly model.image_size; the processor must produce that size.
-    config.preprocess.vis_processor.eval.image_size = config.model.image_size
+    try:
+        MedBLIPConfig.from_dict(config.model)
+    except ValueError as error:
+        raise ValueError(f"--options {list(options)}: {error}") from None
     return config
 
 

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="registered MedBLIP model type, e.g. biomedlm_lora, biogpt_lora, flant5xl_lora, demo, tiny")
     model.add_argument("--checkpoint", help="trained checkpoint (.pth) of the model's trainable parameters")
     model.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
-                       help="override model config keys, e.g. lm_model=/models/BioMedLM qformer_bert=/models/bert "
+                       help="override model config keys, e.g. lm.model=/models/BioMedLM qformer.bert=/models/bert "
                             "(repeatable)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 

@@ -1,14 +1,18 @@
 """The schema dataset: bad scans and bad annotation lines are errors naming the file, or counted skips."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
 import torch
+import yaml
+from lavis.common.config import Config
 from lavis.common.registry import registry
 
 from cohort_fixtures import write_small_cohort
 from lavis_medblip.datasets import MRIAnnotationDataset
+from lavis_medblip.datasets.builders import processor_config
 from lavis_medblip.processors.volume_types import VolumeReadError
 
 
@@ -46,3 +50,24 @@ def test_an_unreadable_scan_with_on_error_raise_names_it(cohort_with_problems):
     with pytest.raises(VolumeReadError, match=r"sub-001\.nii\.gz: sample 1 of this dataset"):
         dataset(clean, "raise")[1]
     assert isinstance(dataset(clean, "raise")[0]["image"], torch.Tensor)
+
+
+def build_config(tmp_path, vis_processor: dict):
+    """LAVIS's Config of a project file: the tiny model, one brain_mri dataset with this vis_processor block."""
+    project = {"model": {"arch": "medblip", "model_type": "tiny"},
+               "datasets": {"brain_mri": {"vis_processor": vis_processor}}, "run": {"task": "medblip_pretrain"}}
+    (tmp_path / "project.yaml").write_text(yaml.safe_dump(project))
+    return Config(argparse.Namespace(cfg_path=str(tmp_path / "project.yaml"), options=None))
+
+
+def test_datasets_preprocess_as_the_model_does_plus_their_own_settings(tmp_path):
+    config = build_config(tmp_path, {"train": {"cache_dir": str(tmp_path / "cache")}})
+    train = processor_config(config.datasets_cfg.brain_mri, "vis_processor", "train")
+    assert (train.name, train.image_size, train.cache_dir) == ("mri_volume_train", config.config.model.image_size,
+                                                               str(tmp_path / "cache"))
+
+
+def test_a_dataset_image_size_other_than_the_models_is_an_error(tmp_path):
+    config = build_config(tmp_path, {"eval": {"image_size": 64}})
+    with pytest.raises(ValueError, match="vis_processor.eval.image_size is 64 but model.image_size is 32"):
+        processor_config(config.datasets_cfg.brain_mri, "vis_processor", "eval")

@@ -4,7 +4,8 @@ A builder is LAVIS's three attributes plus a defaults YAML (``configs/datasets/<
 annotation files per split, an optional image root, the classes, and ``on_error``. A project
 YAML drops a default split with ``<split>: null``; ``brain_mri`` has no default splits. Relative
 storage paths resolve against LAVIS's ``cache_root`` (our launchers set it to the working
-directory); absolute paths are used as they are. Nothing is ever downloaded.
+directory); absolute paths are used as they are. Nothing is ever downloaded. The processors are
+the model's (its ``preprocess`` section, see :func:`processor_config`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
@@ -22,6 +23,32 @@ from lavis_medblip.datasets.mri_dataset import MRIAnnotationDataset
 
 logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "datasets"
+
+
+#: Without a model config (a builder used on its own): the processors' own defaults.
+STANDALONE_PREPROCESS = {"vis_processor": {"train": {"name": "mri_volume_train"}, "eval": {"name": "mri_volume_eval"}},
+                         "text_processor": {"train": {"name": "medblip_text"}, "eval": {"name": "medblip_text"}}}
+
+
+def processor_config(dataset_config: DictConfig, kind: str, split: str) -> DictConfig:
+    """A dataset's ``<kind>.<split>`` processor: the model's ``preprocess`` block, then the dataset's on top.
+
+    The model's block (``configs/medblip_*.yaml``) sets what the model was built for (``image_size``,
+    the demo's harmonisation); a dataset block adds to it (e.g. ``cache_dir``). A dataset block that
+    sets another ``image_size`` than the model's is an error: the 3D stem takes that size only.
+    """
+    configuration = registry.get("configuration", no_warning=True)  # LAVIS's Config of this run
+    config = configuration.config if configuration is not None else OmegaConf.create({})
+    preprocess = config.get("preprocess") or OmegaConf.create(STANDALONE_PREPROCESS)
+    model_block = OmegaConf.select(preprocess, f"{kind}.{split}") or {}
+    own_block = OmegaConf.select(dataset_config, f"{kind}.{split}") or {}
+    model_block = OmegaConf.to_container(model_block, resolve=True) if OmegaConf.is_config(model_block) else model_block
+    merged = OmegaConf.merge(model_block, own_block)
+    model_size = OmegaConf.select(config, "model.image_size")
+    if kind == "vis_processor" and model_size is not None and merged.get("image_size", model_size) != model_size:
+        raise ValueError(f"{kind}.{split}.image_size is {merged.image_size} but model.image_size is {model_size}: "
+                         f"the 3D stem is built for model.image_size; leave image_size out of the dataset's block")
+    return merged
 
 
 def resolve_storage(path: str) -> str:
@@ -40,6 +67,12 @@ class AnnotationBuilder(BaseDatasetBuilder):
     def build_datasets(self) -> dict[str, Any]:
         self.build_processors()
         return self.build()
+
+    def build_processors(self) -> None:
+        """LAVIS's, from :func:`processor_config` (the model's preprocessing, then this dataset's)."""
+        for kind, built in (("vis_processor", self.vis_processors), ("text_processor", self.text_processors)):
+            for split in ("train", "eval"):
+                built[split] = self._build_proc_from_cfg(processor_config(self.config, kind, split))
 
     def dataset_kwargs(self, split: str) -> dict[str, Any]:
         return {}
