@@ -3,8 +3,36 @@
 LAVIS 1.0.2's own metadata pins transformers<4.27, which cannot run decoder-only LMs from
 ``inputs_embeds`` nor Llama-family models; install it with ``pip install --no-deps
 salesforce-lavis==1.0.2`` next to the ranges below (``requirements/lock.txt`` has exact pins).
+
+Besides the packages, the distribution puts ``lavis_medblip_autoregister.pth`` at the top of
+site-packages, so every interpreter of the environment lets LAVIS find the plugin by itself
+(see ``lavis_medblip_autoregister.py``).
 """
+import os
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+STARTUP_HOOK = "lavis_medblip_autoregister.pth"
+
+
+class BuildPyWithStartupHook(build_py):
+    """``build_py`` that also ships :data:`STARTUP_HOOK`, in wheels and in editable installs."""
+
+    def run(self) -> None:
+        super().run()
+        self.copy_file(STARTUP_HOOK, os.path.join(self.build_lib, STARTUP_HOOK), preserve_mode=False)
+        if self.editable_mode:
+            # An editable wheel takes a build command's files only from the unpacked wheel, install's install_lib then.
+            install_lib = self.get_finalized_command("install").install_lib
+            self.copy_file(STARTUP_HOOK, os.path.join(install_lib, STARTUP_HOOK), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        return [*super().get_outputs(include_bytecode), os.path.join(self.build_lib, STARTUP_HOOK)]
+
+    def get_source_files(self) -> list[str]:
+        return [*super().get_source_files(), STARTUP_HOOK]
+
 
 setup(
     name="lavis-medblip",
@@ -15,6 +43,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["lavis_medblip", "lavis_medblip.*", "dataset_builders", "dataset_builders.*"]),
+    py_modules=["lavis_medblip_autoregister"],
     package_data={"lavis_medblip": ["models/configs/*.yaml", "assets/*", "assets/**/*", "configs/**/*.yaml"]},
     install_requires=[
         # salesforce-lavis==1.0.2 is required too, installed with --no-deps (see above).
@@ -33,6 +62,7 @@ setup(
         "matplotlib",
     ],
     extras_require={"test": ["pytest", "nilearn", "pydicom", "gguf"], "gguf": ["gguf"], "dicom": ["pydicom"]},
+    cmdclass={"build_py": BuildPyWithStartupHook},
     entry_points={
         "console_scripts": [
             "medblip-train=lavis_medblip.train:main",

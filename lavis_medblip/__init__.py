@@ -3,7 +3,8 @@
 Importing this package registers its models, processors, dataset builders, tasks and runners
 into ``lavis.common.registry`` (the same registry whether LAVIS was imported before or after):
 at once if LAVIS is already imported, otherwise the moment it is (see
-:mod:`lavis_medblip.registration`). Until then nothing heavy is imported, so
+:mod:`lavis_medblip.registration`; installed, the package needs no import at all: see
+:mod:`lavis_medblip_autoregister`). Until then nothing heavy is imported, so
 :mod:`lavis_medblip.data` (annotation schema, EHR text, labels; what the cohort CLIs use) stays
 free of LAVIS, torch and transformers. Importing never touches the network.
 """

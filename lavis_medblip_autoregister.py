@@ -1,0 +1,77 @@
+"""LAVIS finds lavis_medblip by itself: the finder that ``lavis_medblip_autoregister.pth`` installs at start-up.
+
+``pip install .`` / ``pip install -e .`` put ``lavis_medblip_autoregister.pth`` into site-packages
+(see ``setup.py``), so every interpreter of the environment runs :func:`install_unless_disabled`
+at start-up. That only puts :class:`LavisPluginFinder` first on ``sys.meta_path``; nothing else is
+imported (this runs in every Python process; ``benchmarks/startup.py`` measures the cost). The finder
+
+* lets ``import lavis`` run as usual, then registers lavis_medblip's models, builders, processors,
+  tasks and runner (:func:`lavis_medblip.registration.register_all`), so programs that import only
+  LAVIS, such as LAVIS's own ``train.py`` / ``evaluate.py``, find them.
+
+``LAVIS_MEDBLIP_NO_AUTOREGISTER=1`` turns the start-up hook off; ``import lavis_medblip`` still registers.
+"""
+import os
+import sys
+
+TYPE_CHECKING = False  # typing itself costs milliseconds at start-up
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from importlib.machinery import ModuleSpec
+    from types import ModuleType
+
+DISABLE_VARIABLE = "LAVIS_MEDBLIP_NO_AUTOREGISTER"
+
+
+class LavisPluginFinder:
+    """A ``sys.meta_path`` finder for one name only: ``lavis``."""
+
+    def find_spec(
+        self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
+    ) -> "ModuleSpec | None":
+        if fullname == "lavis":
+            return self._lavis_then_register(path, target)
+        return None
+
+    def _found_by_others(self, fullname: str, path, target) -> "ModuleSpec | None":
+        """The spec the import system would find without this finder."""
+        for finder in sys.meta_path:
+            if isinstance(finder, LavisPluginFinder) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                return spec
+        return None
+
+    def _lavis_then_register(self, path, target) -> "ModuleSpec | None":
+        spec = self._found_by_others("lavis", path, target)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader = spec.loader
+
+        def exec_then_register(module: "ModuleType") -> None:
+            del loader.exec_module  # back to the loader's own method; this loader instance serves this import only
+            loader.exec_module(module)
+            try:
+                from lavis_medblip.registration import register_all
+
+                register_all()
+            except Exception as error:  # every LAVIS program of the environment gets here: say why, and the way out
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(f"while registering lavis_medblip into LAVIS (set {DISABLE_VARIABLE}=1 to skip)")
+                raise
+
+        loader.exec_module = exec_then_register
+        return spec
+
+
+def install() -> None:
+    """Put :class:`LavisPluginFinder` first on ``sys.meta_path`` (once)."""
+    if not any(isinstance(finder, LavisPluginFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, LavisPluginFinder())
+
+
+def install_unless_disabled() -> None:
+    """What the ``.pth`` file runs at interpreter start: :func:`install`, unless ``LAVIS_MEDBLIP_NO_AUTOREGISTER=1``."""
+    if os.environ.get(DISABLE_VARIABLE, "") in ("", "0"):
+        install()
