@@ -7,7 +7,10 @@ imported (this runs in every Python process; ``benchmarks/startup.py`` measures 
 
 * lets ``import lavis`` run as usual, then registers lavis_medblip's models, builders, processors,
   tasks and runner (:func:`lavis_medblip.registration.register_all`), so programs that import only
-  LAVIS, such as LAVIS's own ``train.py`` / ``evaluate.py``, find them.
+  LAVIS, such as LAVIS's own ``train.py`` / ``evaluate.py``, find them;
+* serves ``lavis.train`` and ``lavis.evaluate`` (``python -m lavis.train …``) with the code of
+  ``lavis_medblip.train`` / ``lavis_medblip.evaluate`` when LAVIS itself has no such modules
+  (LAVIS's wheel ships none). Nothing is written into LAVIS's installed files.
 
 ``LAVIS_MEDBLIP_NO_AUTOREGISTER=1`` turns the start-up hook off; ``import lavis_medblip`` still registers.
 """
@@ -21,16 +24,21 @@ if TYPE_CHECKING:
     from types import ModuleType
 
 DISABLE_VARIABLE = "LAVIS_MEDBLIP_NO_AUTOREGISTER"
+#: ``lavis.<name>`` is served by ``lavis_medblip.<name>`` when LAVIS has no module of that name
+LAUNCHER_MODULES = ("train", "evaluate")
 
 
 class LavisPluginFinder:
-    """A ``sys.meta_path`` finder for one name only: ``lavis``."""
+    """A ``sys.meta_path`` finder for three names only: ``lavis``, ``lavis.train``, ``lavis.evaluate``."""
 
     def find_spec(
         self, fullname: str, path: "Sequence[str] | None" = None, target: "ModuleType | None" = None
     ) -> "ModuleSpec | None":
         if fullname == "lavis":
             return self._lavis_then_register(path, target)
+        package, _, name = fullname.partition(".")
+        if package == "lavis" and name in LAUNCHER_MODULES:
+            return self._launcher(fullname, name, path, target)
         return None
 
     def _found_by_others(self, fullname: str, path, target) -> "ModuleSpec | None":
@@ -63,6 +71,14 @@ class LavisPluginFinder:
 
         loader.exec_module = exec_then_register
         return spec
+
+    def _launcher(self, fullname: str, name: str, path, target) -> "ModuleSpec | None":
+        if self._found_by_others(fullname, path, target) is not None:
+            return None  # LAVIS's own module wins
+        import importlib.util
+
+        plugin = importlib.util.find_spec(f"lavis_medblip.{name}")
+        return importlib.util.spec_from_file_location(fullname, plugin.origin)
 
 
 def install() -> None:

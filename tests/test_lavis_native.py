@@ -1,4 +1,5 @@
-"""LAVIS finds the plugin by itself, as LAVIS users run it: programs that import only LAVIS.
+"""LAVIS finds the plugin by itself, as LAVIS users run it: programs that import only LAVIS,
+``python -m lavis.train`` / ``lavis.evaluate``.
 
 The programs these tests start never name our package: they rely on the start-up hook that
 ``pip install`` / ``make setup`` put into site-packages (``lavis_medblip_autoregister.pth``).
@@ -12,9 +13,14 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+import yaml
+
 from lavis.common.registry import registry
 
 import lavis_medblip_autoregister
+from cohort_fixtures import write_small_cohort
+from test_train_evaluate_launchers import dataset_config, launch, only_job_dir, run_config
 
 PLUGIN = "lavis_medblip"
 REPO = Path(__file__).resolve().parents[1]
@@ -35,12 +41,13 @@ def run_python(code: str, cwd: Path, *args: str, **env: str) -> subprocess.Compl
 # ---- 1. registration without an import -----------------------------------------------------------------
 
 PLUGIN_REGISTRY = """
-import json
+import importlib.util, json
 from lavis.common.registry import registry  # imports LAVIS: only the start-up hook can have registered anything
 
 print(json.dumps({kind: sorted(f"{name}={cls.__module__}" for name, cls in table.items()
                                if not cls.__module__.startswith("lavis."))
                   for kind, table in registry.mapping.items() if kind.endswith("_name_mapping")}))
+print(importlib.util.find_spec("lavis.train") is not None)
 """
 
 
@@ -51,13 +58,15 @@ def plugin_classes_registered_here() -> dict[str, list[str]]:
 
 
 def test_a_program_that_imports_only_lavis_finds_every_model_builder_processor_task_and_runner(tmp_path):
-    found = json.loads(run_python(PLUGIN_REGISTRY, tmp_path).stdout)
+    registered, has_launcher = run_python(PLUGIN_REGISTRY, tmp_path).stdout.splitlines()
+    found = json.loads(registered)
 
     assert found == plugin_classes_registered_here()
     assert {"medblip=lavis_medblip.models.medblip", "medblip_caption=lavis_medblip.models.caption_2d"} <= set(
         found["model_name_mapping"])
     assert "medblip_runner=lavis_medblip.runners.runner" in found["runner_name_mapping"]
     assert {"adni", "brain_mri", "m3d_vqa", "roco"} <= {entry.split("=")[0] for entry in found["builder_name_mapping"]}
+    assert has_launcher == "True"
 
 
 FINDERS_AT_START = """
@@ -75,3 +84,59 @@ def test_at_interpreter_start_the_hook_only_installs_its_finder_unless_the_varia
     turned_off = json.loads(run_python(FINDERS_AT_START, tmp_path,
                                        **{lavis_medblip_autoregister.DISABLE_VARIABLE: "1"}).stdout)
     assert "LavisPluginFinder" not in turned_off["finders"]  # so importing LAVIS registers nothing of ours
+
+
+# ---- 2. python -m lavis.train / lavis.evaluate ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """A few subjects from the real template; ``annotations/{train,val,test}.jsonl`` under the returned folder."""
+    root = tmp_path_factory.mktemp("cohort")
+    write_small_cohort(root, {"train": 4, "val": 2, "test": 2})
+    return root
+
+
+def test_tiny_model_trains_and_evaluates_through_python_m_lavis_train_and_evaluate(cohort, tmp_path):
+    annotations = cohort / "annotations"
+    pretrain = {"model": {"arch": "medblip", "model_type": "tiny"},
+                "datasets": dataset_config(annotations, ["train", "val"]),
+                "run": run_config(tmp_path / "pretrain", "medblip_pretrain", max_epoch=1, train_splits=["train"],
+                                  valid_splits=["val"])}
+    launch("lavis.train", pretrain, tmp_path / "pretrain.yaml")
+    checkpoint = only_job_dir(tmp_path / "pretrain") / "checkpoint_best.pth"
+    assert checkpoint.is_file()
+
+    zero_shot = {"model": {"arch": "medblip", "model_type": "tiny", "load_finetuned": True,
+                           "finetuned": str(checkpoint)},
+                 "datasets": dataset_config(annotations, ["test"]),
+                 "run": run_config(tmp_path / "eval", "medblip_classification", evaluate=True, test_splits=["test"])}
+    launch("lavis.evaluate", zero_shot, tmp_path / "eval.yaml")
+    metrics = json.loads((only_job_dir(tmp_path / "eval") / "result" / "test_epochbest_metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and 0.0 <= metrics["balanced_accuracy"] <= 1.0
+
+
+# The demo's project files as they are, only smaller: one training step on two subjects (the demo's
+# 3 epochs on 192 take minutes), evaluated on the same two, with one volume cache for both runs.
+DEMO_SHRUNK = ("run.max_epoch=1", "run.batch_size_train=2", "run.num_workers=0")
+
+
+def demo_project(name: str) -> dict:
+    return yaml.safe_load((REPO / "projects" / "medblip" / name).read_text())
+
+
+def test_demo_configuration_trains_and_evaluates_through_python_m_lavis_train_and_evaluate(cohort, tmp_path):
+    two_subjects = cohort / "annotations" / "test.jsonl"
+    volume_cache = [f"datasets.brain_mri.vis_processor.{split}.cache_dir={tmp_path / 'volumes'}"
+                    for split in ("train", "eval")]
+    launch("lavis.train", demo_project("demo_pretrain.yaml"), tmp_path / "demo_pretrain.yaml", *DEMO_SHRUNK,
+           *volume_cache, f"datasets.brain_mri.build_info.annotations.train.storage={two_subjects}",
+           f"run.output_dir={tmp_path / 'pretrain'}")
+    checkpoint = only_job_dir(tmp_path / "pretrain") / "checkpoint_latest.pth"
+    steps = (checkpoint.parent / "train_steps.jsonl").read_text().splitlines()
+    assert len(steps) == 1
+
+    launch("lavis.evaluate", demo_project("demo_eval.yaml"), tmp_path / "demo_eval.yaml", *DEMO_SHRUNK,
+           volume_cache[1], f"datasets.brain_mri.build_info.annotations.test.storage={two_subjects}",
+           f"run.output_dir={tmp_path / 'eval'}", f"model.finetuned={checkpoint}")
+    metrics = json.loads((only_job_dir(tmp_path / "eval") / "result" / "test_epochbest_metrics.json").read_text())
+    assert metrics["num_samples"] == 2 and metrics["mode"] == "rank"
