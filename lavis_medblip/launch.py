@@ -3,7 +3,9 @@
 distributed init, seeds, logger, task → datasets → model → the runner named by the config.
 
 Differences from LAVIS's scripts, all for running anywhere: the process group uses gloo when
-there is no CUDA; ``cache_root`` and ``output_dir`` resolve under the working directory.
+there is no CUDA; a relative ``output_dir`` resolves under the working directory. (Relative storage
+paths resolve against ``run.cache_root`` whichever script runs: see
+:class:`lavis_medblip.registration.RunCacheRoot`.)
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
 import lavis_medblip  # noqa: F401  (registers models, processors, builders, tasks, runners)
+from lavis_medblip.registration import cache_root_of
 
 
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
@@ -56,8 +59,12 @@ def init_distributed_mode(run_cfg) -> None:
 
 
 def register_cache_root(run_cfg) -> None:
-    """Relative storage paths resolve against ``run.cache_root`` (default: the working directory), not ``/export``."""
-    registry.mapping["paths"]["cache_root"] = os.path.abspath(os.path.expanduser(run_cfg.get("cache_root", ".")))
+    """Pin LAVIS's ``cache_root`` to ``run_cfg``'s (:func:`cache_root_of`).
+
+    Runs set up through LAVIS's ``Config`` need not call this (it registers itself, and
+    :class:`~lavis_medblip.registration.RunCacheRoot` follows it); a pinned root stays for the process.
+    """
+    registry.mapping["paths"]["cache_root"] = cache_root_of(run_cfg)
 
 
 def setup_seeds(config: Config) -> None:
@@ -81,7 +88,6 @@ def build_runner(argv: Sequence[str] | None, description: str):
     job_id = job_id[0]
     setup_seeds(cfg)
     setup_logger()
-    register_cache_root(cfg.run_cfg)
     cfg.run_cfg.output_dir = os.path.abspath(os.path.expanduser(cfg.run_cfg.output_dir))
     cfg.pretty_print()
 

@@ -1,5 +1,6 @@
 """LAVIS finds the plugin by itself, as LAVIS users run it: programs that import only LAVIS,
-``python -m lavis.train`` / ``lavis.evaluate``.
+``python -m lavis.train`` / ``lavis.evaluate``, the sequence of LAVIS's own repo-root
+``train.py`` / ``evaluate.py``.
 
 The programs these tests start never name our package: they rely on the start-up hook that
 ``pip install`` / ``make setup`` put into site-packages (``lavis_medblip_autoregister.pth``).
@@ -140,3 +141,86 @@ def test_demo_configuration_trains_and_evaluates_through_python_m_lavis_train_an
            f"run.output_dir={tmp_path / 'eval'}", f"model.finetuned={checkpoint}")
     metrics = json.loads((only_job_dir(tmp_path / "eval") / "result" / "test_epochbest_metrics.json").read_text())
     assert metrics["num_samples"] == 2 and metrics["mode"] == "rank"
+
+
+# ---- 3. LAVIS's own repo-root train.py / evaluate.py ---------------------------------------------------
+
+# main() of salesforce/LAVIS's train.py (then runner.train()) and of its evaluate.py (then
+# runner.evaluate(skip_reload=True)), step for step, with their imports; the program runs the first on
+# one config, then the second on another. One difference: evaluate.py builds ``RunnerBase`` itself rather
+# than the runner the config names; on CPU RunnerBase cannot build a data loader (see section 4 below).
+LAVIS_ROOT_SCRIPTS = """
+import argparse, random, sys
+
+import numpy as np
+import torch
+import torch.backends.cudnn as cudnn
+
+import lavis.tasks as tasks
+from lavis.common.config import Config
+from lavis.common.dist_utils import get_rank, init_distributed_mode
+from lavis.common.logger import setup_logger
+from lavis.common.optims import LinearWarmupCosineLRScheduler, LinearWarmupStepLRScheduler
+from lavis.common.registry import registry
+from lavis.common.utils import now
+from lavis.datasets.builders import *
+from lavis.models import *
+from lavis.processors import *
+from lavis.runners import *
+from lavis.tasks import *
+
+
+def main(cfg_path, mode):
+    job_id = now()
+    cfg = Config(argparse.Namespace(cfg_path=cfg_path, options=None))
+    init_distributed_mode(cfg.run_cfg)
+    seed = cfg.run_cfg.seed + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    cudnn.benchmark = False
+    cudnn.deterministic = True
+    setup_logger()
+    cfg.pretty_print()
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner = registry.get_runner_class(cfg.run_cfg.get("runner", "runner_base"))(
+        cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    if mode == "train":
+        runner.train()
+    else:
+        runner.evaluate(skip_reload=True)
+
+
+train_cfg, evaluate_cfg = sys.argv[1:]
+main(train_cfg, "train")
+main(evaluate_cfg, "evaluate")
+"""
+
+
+def relative_dataset_config(splits: list[str]) -> dict:
+    """The tiny datasets with storage paths relative to ``run.cache_root``, as our project files write them."""
+    return dataset_config(Path("annotations"), splits)
+
+
+def test_lavis_root_script_sequence_runs_our_yaml_and_relative_paths_follow_run_cache_root(cohort, tmp_path):
+    work = tmp_path / "work"  # the working directory, with a cohort of its own: a test split of 3
+    write_small_cohort(work, {"test": 3}, seed=1)
+    pretrain = {"model": {"arch": "medblip", "model_type": "tiny"},
+                "datasets": relative_dataset_config(["train", "val"]),  # found only under run.cache_root
+                "run": run_config("output", "medblip_pretrain", max_epoch=1, train_splits=["train"],
+                                  valid_splits=["val"], cache_root=str(cohort))}
+    zero_shot = {"model": {"arch": "medblip", "model_type": "tiny"},
+                 "datasets": relative_dataset_config(["test"]),  # no run.cache_root: the working directory's
+                 "run": run_config(tmp_path / "eval", "medblip_classification", evaluate=True, test_splits=["test"])}
+    for name, config in (("pretrain", pretrain), ("eval", zero_shot)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+
+    run_python(LAVIS_ROOT_SCRIPTS, work, str(tmp_path / "pretrain.yaml"), str(tmp_path / "eval.yaml"))
+
+    job = only_job_dir(work / "output")  # a relative output_dir: under the working directory
+    assert (job / "checkpoint_best.pth").is_file()
+    assert json.loads((job / "log.txt").read_text().splitlines()[-1])["val_num_samples"] == 2  # run.cache_root's
+    metrics = json.loads((only_job_dir(tmp_path / "eval") / "result" / "test_epochbest_metrics.json").read_text())
+    assert metrics["num_samples"] == 3  # the working directory's
