@@ -1,23 +1,33 @@
 """LAVIS finds the plugin by itself, as LAVIS users run it: programs that import only LAVIS,
 ``python -m lavis.train`` / ``lavis.evaluate``, the sequence of LAVIS's own repo-root
-``train.py`` / ``evaluate.py``.
+``train.py`` / ``evaluate.py``, and LAVIS's unchanged ``runner_base``.
 
 The programs these tests start never name our package: they rely on the start-up hook that
 ``pip install`` / ``make setup`` put into site-packages (``lavis_medblip_autoregister.pth``).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
 import yaml
+from torch.utils.data import DataLoader
 
+import lavis.common.optims  # noqa: F401  (registers the lr schedulers, as LAVIS's train.py's import does)
+import lavis.tasks as tasks
+from lavis.common.config import Config
 from lavis.common.registry import registry
+from lavis.datasets.datasets.dataloader_utils import IterLoader
+from lavis.runners.runner_base import RunnerBase
 
 import lavis_medblip_autoregister
 from cohort_fixtures import write_small_cohort
@@ -224,3 +234,131 @@ def test_lavis_root_script_sequence_runs_our_yaml_and_relative_paths_follow_run_
     assert json.loads((job / "log.txt").read_text().splitlines()[-1])["val_num_samples"] == 2  # run.cache_root's
     metrics = json.loads((only_job_dir(tmp_path / "eval") / "result" / "test_epochbest_metrics.json").read_text())
     assert metrics["num_samples"] == 3  # the working directory's
+
+
+# ---- 4. LAVIS's unchanged runner_base ------------------------------------------------------------------
+
+class RunnerBaseWithoutPrefetch(RunnerBase):
+    """RunnerBase with the one CPU-impossible step left out: its loaders without ``PrefetchLoader`` (CUDA streams)."""
+
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        loaders = []
+        for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=is_train,
+                                collate_fn=collate_fn, drop_last=is_train)
+            loaders.append(IterLoader(loader) if is_train else loader)
+        return loaders
+
+
+def unregister_output_paths() -> None:
+    """RunnerBase registers its output folders and refuses to register them twice: one RunnerBase per process,
+    as LAVIS's scripts make. These tests make several in one."""
+    for name in ("output_dir", "result_dir"):
+        registry.mapping["paths"].pop(name, None)
+
+
+@pytest.fixture
+def output_paths_unregistered():
+    unregister_output_paths()
+    yield
+    unregister_output_paths()
+
+
+def build_runner(cohort: Path, output_dir: Path, task: str, device: str, runner_cls: type | None = None,
+                 model: dict | None = None, **run: object) -> RunnerBase:
+    """The tiny model with ``run.runner: runner_base``, built in this process as LAVIS's train.py builds it."""
+    splits = [*run.get("train_splits", []), *run.get("valid_splits", []), *run.get("test_splits", [])]
+    config = {"model": {"arch": "medblip", "model_type": "tiny", **(model or {})},
+              "datasets": dataset_config(cohort / "annotations", splits),
+              "run": run_config(output_dir, task, runner="runner_base", device=device, **run)}
+    path = output_dir.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    cfg = Config(argparse.Namespace(cfg_path=str(path), options=None))
+    assert registry.get_runner_class(cfg.run_cfg.runner) is RunnerBase
+    task_ = tasks.setup_task(cfg)
+    return (runner_cls or RunnerBase)(cfg=cfg, job_id="job", task=task_, model=task_.build_model(cfg),
+                                      datasets=task_.build_datasets(cfg))
+
+
+def failing_runner_base_line(error: pytest.ExceptionInfo) -> str:
+    """The line of ``lavis/runners/runner_base.py`` the error came through last."""
+    frames = [frame for frame in traceback.extract_tb(error.tb) if frame.filename.endswith("runners/runner_base.py")]
+    return frames[-1].line
+
+
+TRAIN_AND_TEST = {"max_epoch": 1, "evaluate": False, "train_splits": ["train"], "test_splits": ["test"]}
+
+
+def test_on_cpu_runner_base_never_wraps_the_model(cohort, tmp_path, output_paths_unregistered):
+    runner = build_runner(cohort, tmp_path / "output", "medblip_pretrain", "cpu", **TRAIN_AND_TEST)
+    assert runner.model is None  # it wraps only when it moves the model to another device; on CPU nothing moves
+    with pytest.raises(AttributeError) as error:
+        runner.train()
+    assert failing_runner_base_line(error) == "self.model.train()"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="shows what fails on a machine without CUDA")
+def test_without_cuda_runner_base_cannot_build_a_data_loader(cohort, tmp_path, output_paths_unregistered):
+    # "cpu:0" differs from the model's "cpu", so the model property moves and wraps it: past the line above.
+    trainer = build_runner(cohort, tmp_path / "pretrain", "medblip_pretrain", "cpu:0", **TRAIN_AND_TEST)
+    assert trainer.model is not None
+    with pytest.raises(RuntimeError) as error:  # torch.cuda.Stream(): no CUDA driver
+        trainer.train()
+    assert failing_runner_base_line(error) == "loader = PrefetchLoader(loader)"
+
+    unregister_output_paths()
+    evaluator = build_runner(cohort, tmp_path / "eval", "medblip_classification", "cpu:0", evaluate=True,
+                             test_splits=["test"])
+    with pytest.raises(RuntimeError) as error:
+        evaluator.evaluate(skip_reload=True)  # what LAVIS's evaluate.py runs
+    assert failing_runner_base_line(error) == "loader = PrefetchLoader(loader)"
+
+
+def test_without_a_process_group_runner_base_stops_after_the_first_epoch(cohort, tmp_path, output_paths_unregistered):
+    runner = build_runner(cohort, tmp_path / "output", "medblip_pretrain", "cpu:0", RunnerBaseWithoutPrefetch,
+                          **TRAIN_AND_TEST)
+    with pytest.raises(ValueError, match="process group") as error:
+        runner.train()
+    assert failing_runner_base_line(error) == "dist.barrier()"
+    assert (tmp_path / "output" / "job" / "checkpoint_0.pth").is_file()  # the epoch itself ran
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A process group of one (gloo), for RunnerBase's unguarded ``dist.barrier()`` after every epoch."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_past_those_lines_runner_base_trains_tests_and_evaluates_the_tiny_model(cohort, tmp_path, one_process_group,
+                                                                              output_paths_unregistered):
+    trainer = build_runner(cohort, tmp_path / "pretrain", "medblip_pretrain", "cpu:0", RunnerBaseWithoutPrefetch,
+                           **{**TRAIN_AND_TEST, "max_epoch": 2})
+    trainer.train()
+    job = tmp_path / "pretrain" / "job"
+    assert {"checkpoint_0.pth", "checkpoint_1.pth"} <= {path.name for path in job.iterdir()}
+    assert json.loads((job / "result" / "test_epoch1_losses.json").read_text())  # tested after the last epoch
+    train_logs = [json.loads(line) for line in (job / "log.txt").read_text().splitlines() if line.startswith('{"train')]
+    assert [{"train_loss_itc_text", "train_loss_lm"} <= set(entry) for entry in train_logs] == [True, True]
+
+    unregister_output_paths()
+    evaluator = build_runner(cohort, tmp_path / "eval", "medblip_classification", "cpu:0", RunnerBaseWithoutPrefetch,
+                             model={"load_finetuned": True, "finetuned": str(job / "checkpoint_1.pth")},
+                             evaluate=True, test_splits=["test"])
+    metrics = evaluator.evaluate(skip_reload=True)["test"]  # what LAVIS's evaluate.py runs
+    assert metrics["num_samples"] == 2
+    assert (tmp_path / "eval" / "job" / "result" / "test_epochbest_metrics.json").is_file()
+
+
+def test_runner_base_keeps_no_best_checkpoint_while_the_validation_metric_is_not_positive(
+        cohort, tmp_path, one_process_group, output_paths_unregistered):
+    # Pretraining's agg_metrics is minus the loss; RunnerBase's best starts at 0 (and only a split named "val" counts).
+    runner = build_runner(cohort, tmp_path / "output", "medblip_pretrain", "cpu:0", RunnerBaseWithoutPrefetch,
+                          **TRAIN_AND_TEST, valid_splits=["val"])
+    with pytest.raises(FileNotFoundError, match="checkpoint_best.pth") as error:
+        runner.train()  # then tests "best": reloads a checkpoint it never wrote
+    assert failing_runner_base_line(error) == 'checkpoint = torch.load(checkpoint_path, map_location="cpu")'
+    log = (tmp_path / "output" / "job" / "log.txt").read_text().splitlines()
+    assert [json.loads(line)["val_agg_metrics"] < 0 for line in log if line.startswith('{"val')] == [True]
+
