@@ -46,7 +46,7 @@ def demo_eval_processor_config() -> DictConfig:
 
 def load_split(split: str, processor, plant_cube: float,
                cohort_dir: Path = COHORT_DIR) -> tuple[torch.Tensor, torch.Tensor]:
-    from lavis_medblip.data.schema import CLASS_NAMES, read_annotations
+    from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations
 
     records = list(read_annotations(cohort_dir / f"{split}.jsonl"))
     volumes = torch.stack([processor(str(cohort_dir / record.image)) for record in records])

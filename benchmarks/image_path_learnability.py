@@ -38,7 +38,7 @@ from image_evidence import demo_eval_processor_config, load_split
 
 
 def balanced_accuracy(labels: torch.Tensor, predictions: torch.Tensor) -> float:
-    from lavis_medblip.data.schema import CLASS_NAMES
+    from lavis_medblip.annotations.schema import CLASS_NAMES
     from lavis_medblip.tasks.metrics import classification_metrics
 
     return classification_metrics(labels.tolist(), predictions.tolist(), CLASS_NAMES)["balanced_accuracy"]

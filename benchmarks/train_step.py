@@ -12,7 +12,7 @@ frozen as in the paper; random weights, the same FLOPs) in front of the same Q-F
 the vision encoder is the paper's, a cache removes most of a step.
 Data: the vendored ICBM-2009c T1 preprocessed once to 48³, then varied with the train processor's
 random augmentation into ``--batches x batch`` distinct volumes; EHR sentences from random EHR fields
-through :func:`lavis_medblip.data.ehr.describe_ehr`. A step is forward + backward + AdamW step. One
+through :func:`lavis_medblip.annotations.ehr.describe_ehr`. A step is forward + backward + AdamW step. One
 warm-up pass covers every batch once (so ``cached`` is warm), then ``--steps`` timed steps cycle
 through the batches.
 
@@ -54,8 +54,8 @@ def synthetic_cohort(num_cases: int, image_size: int, seed: int = 0) -> list[dic
 
     import lavis_medblip.processors  # noqa: F401  (registers the processors)
     from lavis_medblip.assets import ICBM_T1
-    from lavis_medblip.data.ehr import describe_ehr
-    from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES
+    from lavis_medblip.annotations.ehr import describe_ehr
+    from lavis_medblip.annotations.schema import CLASS_ANSWERS, CLASS_NAMES
 
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf  # noqa: E402
 import lavis_medblip  # noqa: E402,F401  (registers resolvers, model, processors)
 from lavis.common.registry import registry  # noqa: E402
 
-from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, read_annotations  # noqa: E402
+from lavis_medblip.annotations.schema import CLASS_ANSWERS, CLASS_NAMES, read_annotations  # noqa: E402
 from lavis_medblip.models import MedBLIP  # noqa: E402
 from lavis_medblip.tasks.metrics import INVALID, match_generated_answer  # noqa: E402
 from train_step import synthetic_cohort  # noqa: E402

@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 from dataset_builders.matching import Scan, Visit, dedupe_visits, match_scans
 from dataset_builders.splits import SplitOptions, assign_splits
 from dataset_builders.tables import Issues
-from lavis_medblip.data.ehr import describe_ehr, is_missing
-from lavis_medblip.data.schema import SPLITS, AnnotationRecord, write_annotations
+from lavis_medblip.annotations.ehr import describe_ehr, is_missing
+from lavis_medblip.annotations.schema import SPLITS, AnnotationRecord, write_annotations
 
 log = logging.getLogger("dataset_builders")
 
@@ -58,7 +58,7 @@ def build_annotations(*, cohort: str, visits: Sequence[Visit], scans: Sequence[S
     3. Visits without a usable label are dropped (unknown codes are reported, or raised with
        ``on_error="raise"``), unless ``allow_unlabelled`` keeps ``label: None`` (image–text pretraining).
     4. The records are split subject-wise with :func:`~dataset_builders.splits.assign_splits`.
-    5. ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (the :mod:`lavis_medblip.data.schema` format,
+    5. ``train.jsonl``, ``val.jsonl``, ``test.jsonl`` (the :mod:`lavis_medblip.annotations.schema` format,
        ``text = describe_ehr(ehr)``) and ``report.json`` are written into ``out_dir``.
     """
     out_dir = Path(out_dir)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lavis_medblip.data.labels import normalize_label
-from lavis_medblip.data.schema import AnnotationRecord
+from lavis_medblip.annotations.labels import normalize_label
+from lavis_medblip.annotations.schema import AnnotationRecord
 
 _DIAGNOSIS_SENTENCE = re.compile(r"\s*The diagnosis is\s+(?P<label>[^.]+?)\s*\.?\s*$", re.IGNORECASE)
 

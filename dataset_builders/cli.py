@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from dataset_builders.annotate import BuildResult
 from dataset_builders.splits import SplitOptions
-from lavis_medblip.data.schema import CLASS_NAMES
+from lavis_medblip.annotations.schema import CLASS_NAMES
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

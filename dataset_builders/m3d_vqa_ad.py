@@ -54,8 +54,8 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
-from lavis_medblip.data.hashing import content_sha256
-from lavis_medblip.data.m3d_vqa import QUESTION_TYPES, is_missing_value, parse_question_type, read_m3d_csv
+from lavis_medblip.annotations.hashing import content_sha256
+from lavis_medblip.annotations.m3d_vqa import QUESTION_TYPES, is_missing_value, parse_question_type, read_m3d_csv
 
 log = logging.getLogger("dataset_builders")
 

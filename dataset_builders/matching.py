@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from dataset_builders.tables import Issues
-from lavis_medblip.data.ehr import is_missing
-from lavis_medblip.data.labels import normalize_label
+from lavis_medblip.annotations.ehr import is_missing
+from lavis_medblip.annotations.labels import normalize_label
 
 #: File endings taken as scans. Analyze pairs are found by their ``.img`` (nibabel opens either half).
 SCAN_SUFFIXES: tuple[str, ...] = (".nii", ".nii.gz", ".mgz", ".mgh", ".img")

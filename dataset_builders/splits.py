@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from dataset_builders.tables import Issues
-from lavis_medblip.data.schema import CLASS_NAMES, SPLITS, AnnotationRecord
+from lavis_medblip.annotations.schema import CLASS_NAMES, SPLITS, AnnotationRecord
 
 
 @dataclass

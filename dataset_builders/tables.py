@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from lavis_medblip.data.ehr import is_missing
+from lavis_medblip.annotations.ehr import is_missing
 
 
 class Issues:

@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from lavis_medblip.data.schema import read_annotations, write_annotations
+from lavis_medblip.annotations.schema import read_annotations, write_annotations
 
 DEMO_ROOT = Path(".cache/demo")
 COHORT_DIR = DEMO_ROOT / "cohort"

@@ -27,7 +27,7 @@ from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
-from lavis_medblip.data.schema import CLASS_ANSWERS
+from lavis_medblip.annotations.schema import CLASS_ANSWERS
 from lavis_medblip.models.config import MedBLIPConfig
 from lavis_medblip.processors.dicom import is_dicom_series
 from lavis_medblip.processors.readers import has_volume_suffix, scan_name

@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence, TextIO, TypeVar
 
 from tqdm import tqdm
 
-from lavis_medblip.data.schema import CLASS_NAMES
+from lavis_medblip.annotations.schema import CLASS_NAMES
 from lavis_medblip.inference import (
     EXPLAIN_QUESTION,
     Case,

@@ -8,8 +8,8 @@ import numpy as np
 from scipy import ndimage
 
 from lavis_medblip.assets import ICBM_T1
-from lavis_medblip.data.ehr import describe_ehr
-from lavis_medblip.data.schema import AnnotationRecord, write_annotations
+from lavis_medblip.annotations.ehr import describe_ehr
+from lavis_medblip.annotations.schema import AnnotationRecord, write_annotations
 
 LABELS = ("NC", "MCI", "AD")
 

@@ -12,7 +12,7 @@ import pytest
 from dataset_builders import adni, aibl, miriad, nacc, oasis
 from dataset_builders.authors_tsv import read_authors_tsv
 from dataset_builders.splits import SplitOptions, assign_splits, balanced_test_sample
-from lavis_medblip.data.schema import AnnotationRecord, read_annotations
+from lavis_medblip.annotations.schema import AnnotationRecord, read_annotations
 
 
 # ------------------------------------------------------------------------------------------------

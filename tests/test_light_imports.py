@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import dataset_builders
-import lavis_medblip.data
+import lavis_medblip.annotations
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("lavis", "torch", "torchvision", "transformers")
@@ -40,7 +40,7 @@ def heavy_modules_after(imports: list[str]) -> list[str]:
 
 
 def data_modules() -> list[str]:
-    return sorted(f"lavis_medblip.data.{info.name}" for info in pkgutil.iter_modules(lavis_medblip.data.__path__))
+    return sorted(f"lavis_medblip.annotations.{info.name}" for info in pkgutil.iter_modules(lavis_medblip.annotations.__path__))
 
 
 def cohort_cli_modules() -> list[str]:
@@ -51,7 +51,7 @@ def cohort_cli_modules() -> list[str]:
 
 def test_data_preparation_modules_import_without_lavis_or_torch():
     modules = ["lavis_medblip", *data_modules(), *cohort_cli_modules()]
-    assert {"lavis_medblip.data.schema", "dataset_builders.adni", "dataset_builders.m3d_vqa_ad"} <= set(modules)
+    assert {"lavis_medblip.annotations.schema", "dataset_builders.adni", "dataset_builders.m3d_vqa_ad"} <= set(modules)
     assert heavy_modules_after(modules) == []
 
 
@@ -93,7 +93,7 @@ def eager_registry() -> dict[str, list[str]]:
     [
         "import lavis_medblip\nimport lavis",  # the plugin first, LAVIS after
         "import lavis_medblip\nlavis_medblip.models",  # a subpackage reached as an attribute
-        "import lavis_medblip.data.schema\nimport lavis_medblip.processors.readers",  # light module, then a registering one
+        "import lavis_medblip.annotations.schema\nimport lavis_medblip.processors.readers",  # light module, then a registering one
         "import lavis_medblip.datasets.m3d_vqa",  # a module that imports LAVIS itself, deep inside a subpackage
         "import lavis_medblip.tasks.vqa",
     ],

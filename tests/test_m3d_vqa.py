@@ -15,9 +15,9 @@ from lavis.common.registry import registry
 
 from dataset_builders import m3d_vqa_ad
 from lavis_medblip.assets import ICBM_T1
-from lavis_medblip.data.m3d_vqa import M3D_COLUMNS
+from lavis_medblip.annotations.m3d_vqa import M3D_COLUMNS
 from lavis_medblip.datasets.m3d_vqa import M3DVQADataset
-from lavis_medblip.data.hashing import content_sha256
+from lavis_medblip.annotations.hashing import content_sha256
 from lavis_medblip.tasks.metrics import bleu_1, rouge_1
 from lavis_medblip.tasks.vqa import MedBLIPVQATask
 from test_train_evaluate_launchers import launch, only_job_dir, run_config

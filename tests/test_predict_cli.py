@@ -15,7 +15,7 @@ from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
 from lavis_medblip.assets import ICBM_T1
-from lavis_medblip.data.schema import CLASS_ANSWERS
+from lavis_medblip.annotations.schema import CLASS_ANSWERS
 from lavis_medblip.inference import find_scans
 from lavis_medblip.models import MedBLIP
 from lavis_medblip.predict import main

@@ -16,8 +16,8 @@ from dataset_builders.simulate_cohort import (
     BASIS_NAMES, HELD_OUT_SITE, HIPPOCAMPUS, RATE_LIMITS, SITES, TRAINING_SITES, VENTRICLE_IDS,
     atrophy_displacement, atrophy_basis, jacobian_determinant, main, simulate_cohort,
 )
-from lavis_medblip.data.ehr import describe_ehr
-from lavis_medblip.data.schema import CLASS_NAMES, read_annotations
+from lavis_medblip.annotations.ehr import describe_ehr
+from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations
 
 SMALL = dict(subjects_per_class=4, voxel_mm=4.0, save_labels=True, progress=False)
 

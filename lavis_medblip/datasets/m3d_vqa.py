@@ -1,6 +1,6 @@
 """M3D-VQA (Bai et al. 2024) as a registered LAVIS dataset: ``m3d_vqa``.
 
-The CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) have the columns :data:`lavis_medblip.data.m3d_vqa.M3D_COLUMNS`; ``Image Path``
+The CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) have the columns :data:`lavis_medblip.annotations.m3d_vqa.M3D_COLUMNS`; ``Image Path``
 is relative to the data root (``build_info.images.storage``) and points at a 1×D×H×W float32
 ``.npy`` in [0, 1], which the ``mri_volume_*`` processors read as they are. Missing choices are
 ``NA`` (or blank) and are dropped; the letters of the remaining choices are kept.
@@ -38,7 +38,7 @@ import torch
 
 from lavis.common.registry import registry
 
-from lavis_medblip.data.m3d_vqa import (
+from lavis_medblip.annotations.m3d_vqa import (
     CHOICE_LETTERS,
     closed_question,
     format_choice,

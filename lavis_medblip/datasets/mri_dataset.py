@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
-from lavis_medblip.data.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
+from lavis_medblip.annotations.ehr import DIAGNOSIS_QUESTION
+from lavis_medblip.annotations.schema import CLASS_ANSWERS, CLASS_NAMES, AnnotationRecord, read_annotations
 from lavis_medblip.datasets.collate import SkippingDataset, process_or_skip
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Mapping
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from lavis_medblip.data.ehr import DIAGNOSIS_QUESTION
+from lavis_medblip.annotations.ehr import DIAGNOSIS_QUESTION
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 import numpy as np
 import torch
 
-from lavis_medblip.data.hashing import content_sha256
+from lavis_medblip.annotations.hashing import content_sha256
 from lavis_medblip.processors.volume_types import DegenerateVolumeNote, Volume
 from lavis_medblip.storage import ArrayStore
 

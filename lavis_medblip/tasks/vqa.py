@@ -30,7 +30,7 @@ import torch
 
 from lavis.common.registry import registry
 
-from lavis_medblip.data.m3d_vqa import QUESTION_TYPES, format_choice
+from lavis_medblip.annotations.m3d_vqa import QUESTION_TYPES, format_choice
 from lavis_medblip.tasks.base import MedBLIPTask
 from lavis_medblip.tasks.metrics import bleu_1, mean_by_group, overlap_tokens, rouge_1
 

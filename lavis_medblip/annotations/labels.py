@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 
-from lavis_medblip.data.schema import CLASS_NAMES
+from lavis_medblip.annotations.schema import CLASS_NAMES
 
 _ALIASES: dict[str, str] = {}
 for _code in ("nc", "cn", "normal", "control", "healthy control", "hc", "nondemented", "non-demented",

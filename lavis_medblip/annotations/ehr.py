@@ -27,7 +27,7 @@ def _number(value: Any) -> str:
 
 
 def describe_ehr(ehr: Mapping[str, Any]) -> str:
-    """One or two sentences from the EHR fields in :data:`lavis_medblip.data.schema.EHR_FIELDS`."""
+    """One or two sentences from the EHR fields in :data:`lavis_medblip.annotations.schema.EHR_FIELDS`."""
     present = {key: value for key, value in ehr.items() if not is_missing(value)}
     subject = []
     if "age" in present:
