@@ -1,7 +1,5 @@
 """Throughput and peak memory of the MRI volume pipeline vs. a naive loader, on real volumes.
 
-Methods (each measured in its own subprocess, so peak RSS belongs to that method alone):
-
 * ``naive``    nibabel ``get_fdata()`` (float64) -> trilinear ``F.interpolate`` to S^3
                (ignores the aspect ratio, so no padding is needed);
 * ``uncached`` ``mri_volume_eval`` without a cache;
@@ -12,17 +10,7 @@ Methods (each measured in its own subprocess, so peak RSS belongs to that method
                the cache entry, no decode pass (its pages are read when consumed);
 * ``cached16`` float16 entries and ``dtype: float16`` output: likewise no decode pass.
 
-Every method's output is consumed in full inside the timed loop: it is copied into a
-preallocated tensor of its own shape and dtype, as ``default_collate`` copies a sample into its
-batch. Without that, a memory-mapped output (``cached16``) would be timed without being read.
-
-Files: the vendored ICBM-2009c T1 (193x229x193 uint8), nilearn's MNI152 2009a T1 at 1 mm
-(197x233x189 uint8) and nibabel's test T1 ``anatomical.nii`` (33x41x25 int16, 2 mm, LAS),
-each read ``--repeats`` times after one untimed warm-up pass.
-
-By default every worker uses one torch thread, as a DataLoader worker does. Methods run in
-turn for ``--rounds`` rounds (so a busy machine slows them alike); the table shows each
-method's best round and its highest peak RSS.
+How it measures (subprocesses, consumed outputs, files, rounds): README, Design notes.
 
     python benchmarks/data_pipeline.py [--repeats 5] [--rounds 2] [--image-size 224] [--threads 1]
 """

@@ -1,18 +1,5 @@
 """Where the demo model's image evidence goes: a linear probe after each stage of the image path.
-
-For the ``demo`` MedBLIP at its start (``init``) and after ``make demo`` (``trained``, the image + text
-checkpoint), on the simulated cohort's training sites and held-out site (demo_eval.yaml's preprocessing):
-
-* ``variation``: between-subject std of the stage's output on the held-out site, relative to its
-  RMS (a visual prefix the LM can read varies by ≥ 10%; see README, limitations);
-* ``probe``: held-out balanced accuracy of a logistic regression fitted on the training sites
-  (standardised features, C=0.1); chance is 0.333;
-* the Q-Former's cross-attention entropy per layer, against ln(tokens) for uniform attention.
-
-Stages: all ViT tokens (after ``ln_vision``), their mean over tokens (what uniform cross-attention
-passes on), the query outputs, and the visual prefix (``llm_proj``). ``--plant-cube S`` adds
-S/2 x class index (NC 0, MCI 1, AD 2) to a central 12³ cube of every preprocessed volume, a
-signal any local detector finds: does it survive the pooling?
+What it measures: README, Design notes.
 
     python benchmarks/image_evidence.py [--plant-cube 1.0] [--checkpoint PATH] [--threads 2]
 

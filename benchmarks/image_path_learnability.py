@@ -1,20 +1,6 @@
 """Can the demo model's image path learn the diagnosis at all, with the strongest possible signal?
-
-Supervised cross-entropy (no ITC, no LM) from a linear head on the demo MedBLIP's pooled image
-features, trained with AdamW on the simulated cohort's training subjects. If this cannot learn the
-diagnosis, neither can ITC or the LM loss, which reach the image path through the same pooling.
-
-* ``--features vit_mean``: the mean of the ViT tokens (what uniform cross-attention hands on);
-  ``queries``: the mean of the Q-Former's query outputs (through the cross-attention).
-* ``--inputs demo``: demo_eval.yaml's preprocessing (registered to the ICBM template, brain only,
-  deviation from the template / 0.05); ``head_quantiles``: the same without the registration and
-  the deviation (the demo's inputs before 2026-12-02). Every simulated subject is a warp of one
-  template, so head-quantile volumes differ from each other by a small fraction of their size.
-* ``--set key=value``: demo model overrides, e.g. ``vision.patch_size=16 vision.patch_stride=16``.
-
-It prints, every ``--eval-every`` steps, the training loss (chance ln 3 = 1.099), balanced
-accuracy on the validation subjects (training sites, unseen subjects) and on the held-out site,
-and how many held-out subjects are predicted as each class. Chance is 0.333.
+Supervised cross-entropy from a linear head on its pooled image features (options and output:
+README, Design notes).
 
     python benchmarks/image_path_learnability.py [--cohort .cache/demo/cohort] [--inputs demo|head_quantiles]
         [--features vit_mean|queries] [--steps 600] [--set vision.patch_size=16 vision.patch_stride=16]

@@ -1,17 +1,7 @@
 """Exact parameter counts of the six paper variants (built on the meta device) and a GPU memory estimate.
+The memory model: README, Design notes.
 
     python benchmarks/memory_estimate.py [--batch-size 8] [--text-tokens 96] [--gpu-gib 24]
-
-The hub LMs cannot be downloaded here, so their architectures are written out below from their
-published ``config.json`` files; the ViT-g and the BERT-base Q-Former are LAVIS's own. Nothing is
-allocated: parameters live on the meta device.
-
-Memory model (training, AMP, AdamW): frozen weights in fp16; trainable weights fp32 + fp32 grads
-+ two fp32 Adam moments (16 bytes per parameter); activations from the per-layer estimate of
-Korthikanti et al. (2022) for fp16 transformers, ``s·b·h·(34 + 5·a·s/h)`` bytes per layer, for every
-layer that backward must traverse: the stem is trainable, so backward goes through all ViT blocks,
-and the Q-Former feeds the LM, so it goes through all LM layers. With ViT gradient checkpointing
-a ViT block keeps only its input (``2·s·b·h`` bytes) plus one block's full activations at a time.
 """
 from __future__ import annotations
 
@@ -27,7 +17,8 @@ from omegaconf import OmegaConf  # noqa: E402
 import lavis_medblip  # noqa: E402,F401
 from lavis_medblip.models import MedBLIP  # noqa: E402
 
-# From each model's published config.json on the Hugging Face hub.
+# The hub LMs cannot be downloaded here: from each model's published config.json on the Hugging Face hub.
+# (The ViT-g and the BERT-base Q-Former are LAVIS's own.) Nothing is allocated: parameters live on the meta device.
 LM_ARCHITECTURES = {
     "stanford-crfm/BioMedLM": dict(model_type="gpt2", n_embd=2560, n_layer=32, n_head=20, n_positions=1024,
                                    vocab_size=28896),
@@ -57,6 +48,7 @@ def build_on_meta(model_type: str) -> MedBLIP:
 
 
 def layer_activation_bytes(tokens: int, batch: int, hidden: int, heads: int, checkpointing: bool) -> float:
+    """Korthikanti et al. (2022) for an fp16 layer, ``s·b·h·(34 + 5·a·s/h)``; checkpointed, its input, ``2·s·b·h``."""
     if checkpointing:
         return 2.0 * tokens * batch * hidden
     return tokens * batch * hidden * (34 + 5 * heads * tokens / hidden)

@@ -1,11 +1,5 @@
 """What the start-up hook (``lavis_medblip_autoregister.pth``) adds to ``python -c pass``.
-
-Bare virtualenvs of this interpreter (no pip, no other ``.pth`` files) started interleaved (A, B, C, D,
-A, B, ...), so drifts in machine load hit every variant alike: without the hook; with it, its module
-compiled as ``pip install`` leaves it; with it uncompiled (what every start pays when no ``.pyc`` can
-be written, e.g. under ``PYTHONDONTWRITEBYTECODE=1`` with an editable install whose ``.pyc`` was never
-made; ``make setup`` compiles it); and with it turned off by ``LAVIS_MEDBLIP_NO_AUTOREGISTER=1``. It
-then prints ``-X importtime``'s line for the hook in this environment (``sys.executable``).
+Bare virtualenvs started interleaved (the variants: README, Design notes).
 Usage: ``.venv/bin/python benchmarks/startup.py [--runs 60]``.
 """
 from __future__ import annotations

@@ -1,24 +1,11 @@
 """Training-step throughput and peak RSS of the ``demo`` MedBLIP with and without the feature cache.
 
-Settings (each measured in its own subprocess, so peak RSS belongs to that setting alone):
-
 * ``paper``     the paper's setting: trainable 3D stem (backward runs through the ViT), no cache;
 * ``frozen``    ``freeze_vision_stem: true``, no cache (the ViT runs forward only, without a graph);
 * ``cached``    ``freeze_vision_stem: true`` with ``vision_feature_cache`` warmed by the warm-up steps.
 
-Model: ``model_type: demo`` (real MiniLM Q-Former, SmolLM2-135M with LoRA, 48³ input, 2-block ViT).
 ``--vision paper`` swaps in the paper's vision path (224³ input, patch 32, the 39-block EVA ViT-g,
-frozen as in the paper; random weights, the same FLOPs) in front of the same Q-Former and LM: where
-the vision encoder is the paper's, a cache removes most of a step.
-Data: the vendored ICBM-2009c T1 preprocessed once to 48³, then varied with the train processor's
-random augmentation into ``--batches x batch`` distinct volumes; EHR sentences from random EHR fields
-through :func:`lavis_medblip.annotations.ehr.describe_ehr`. A step is forward + backward + AdamW step. One
-warm-up pass covers every batch once (so ``cached`` is warm), then ``--steps`` timed steps cycle
-through the batches.
-
-The ``vision`` column is the time inside ``encode_image`` (forward only; in ``paper`` the backward
-through the stem and ViT runs inside ``loss.backward()`` and is counted in the rest); by Amdahl's
-law a cache cannot speed a step up by more than ``step / (step - vision)``.
+random weights). Model, data and timing: README, Design notes.
 
     python benchmarks/train_step.py [--steps 5] [--batch-size 8] [--batches 1] [--threads 2] [--vision demo]
     python benchmarks/train_step.py --vision paper --batch-size 2 --steps 2

@@ -3,14 +3,7 @@
 * ``ranking``     ``predict_answers`` over the class answers (one LM pass over 3 candidate prompts);
 * ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8).
 
-Both run one case at a time (batch 1, the latency a single scan sees) on ``--cases`` cases: by
-default synthetic ones (the vendored ICBM-2009c T1 preprocessed once to 48³ and varied by the train
-processor's augmentation, with EHR sentences from random EHR fields; see ``benchmarks/train_step.py``),
-or with ``--annotations`` the first cases of an annotation file (e.g. the demo's held-out site),
-preprocessed as the demo model's config says (``preprocess``).
-Agreement is the fraction of cases whose generated text names (``match_generated_answer``) the
-same class as the ranking's top answer. The model is ``model_type: demo``; without
-``--checkpoint`` its Q-Former, projection and LoRA are untrained, so agreement means little.
+Cases and agreement: README, Design notes.
 
     python benchmarks/zeroshot.py [--cases 8] [--checkpoint .cache/demo/runs/.../checkpoint_best.pth]
         [--annotations .cache/demo/cohort/test.jsonl]

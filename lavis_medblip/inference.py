@@ -1,12 +1,5 @@
-"""Diagnose scans from Python: find them, load a model type with its checkpoint, and ask it.
-
-:func:`cases_from_folder` and :func:`cases_from_csv` turn a folder (searched recursively, in sorted
-order; symlinks followed, each folder once; names starting with "." skipped) or a CSV
-(``image,text[,id]``) into :class:`Case` s. A scan is a file a volume reader takes by its suffix
-or a DICOM-series folder (:mod:`lavis_medblip.processors.readers`). :func:`load_config` and
-:func:`load_model` build a registered model type; :class:`Predictor` builds the samples the
-registered datasets would and ranks the class answers: its probabilities are exactly
-``model.predict_answers(samples, class answers).probs``.
+"""Diagnose scans from Python: find them (:func:`cases_from_folder`, :func:`cases_from_csv`), load a
+model type with its checkpoint (:func:`load_config`, :func:`load_model`), and ask it (:class:`Predictor`).
 """
 from __future__ import annotations
 
@@ -74,7 +67,12 @@ def unsearchable_entry_problem(path: Path, error: OSError) -> str | None:
 
 def search_scans(root: Path) -> ScanSearch:
     """Every volume file and DICOM-series folder under ``root`` (including ``root``), sorted, and the
-    entries that could not be searched. Symlinks are followed, but each folder is searched once."""
+    entries that could not be searched. Symlinks are followed, but each folder is searched once;
+    names starting with "." are skipped.
+
+    A scan is a file a volume reader takes by its suffix or a DICOM-series folder
+    (:mod:`lavis_medblip.processors.readers`).
+    """
     found = ScanSearch()
     searched: dict[tuple[int, int], Path] = {}  # (device, inode) of a folder -> the path it was searched as
 
@@ -154,6 +152,7 @@ class CsvCases:
 
 
 def bad_row_problem(fields: Sequence[str], columns: Sequence[str]) -> str | None:
+    """What is wrong with a CSV row of ``fields`` under the header ``columns``, or None when nothing is."""
     if len(fields) != len(columns):
         return (f"{len(fields)} field(s) but the header has {len(columns)} ({','.join(columns)}); "
                 "a missing or extra comma, or an unquoted comma in the text?")
@@ -286,6 +285,7 @@ class Predictor:
         return ScanRead(volume=volume, warning="; ".join(degenerate))
 
     def samples(self, volumes: Sequence[Any], texts: Sequence[str], question: str | None) -> dict[str, Any]:
+        """A batch as the registered datasets collate it; ``question`` None asks the model's own question."""
         samples = {"image": torch.stack(list(volumes)).to(self.device),
                    "text_input": [self.text_processor(text) for text in texts]}
         if question is not None:
@@ -293,6 +293,11 @@ class Predictor:
         return samples
 
     def predict(self, volumes: Sequence[Any], texts: Sequence[str]) -> list[Prediction]:
+        """One :class:`Prediction` per volume (from :meth:`read`) and its EHR text.
+
+        Its probabilities are exactly ``model.predict_answers(samples, class answers).probs``; with
+        ``explain`` the model also generates an answer to ``explain_question``.
+        """
         with torch.no_grad():
             ranking = self.model.predict_answers(self.samples(volumes, texts, self.question), self.answers)
             explanations = [None] * len(volumes)

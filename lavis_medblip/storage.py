@@ -1,10 +1,6 @@
-"""Files that appear whole or not at all, and arrays stored by key: every file the package writes.
-
-:func:`atomic_file` writes a temporary file beside the target (``mkstemp``: a unique name per
-process and thread) and renames it over the target with ``os.replace``, atomic on POSIX and
-Windows. A failure, or a kill, leaves the previous file as it was; the temporary file is removed
-whenever the writing process survives. Checkpoints (:func:`atomic_save`), the predict CLI's
-results file and the caches' entries (:class:`ArrayStore`) are all written this way.
+"""Files that appear whole or not at all, and arrays stored by key: every file the package writes
+(checkpoints through :func:`atomic_save`, the predict CLI's results file, the caches' entries
+through :class:`ArrayStore`) goes through :func:`atomic_file`.
 """
 from __future__ import annotations
 
@@ -43,6 +39,11 @@ def new_file_mode(path: Path) -> int:
 @contextlib.contextmanager
 def atomic_file(path: PathLike, mode: str = "wb", durable: bool = True, **open_kwargs: Any) -> Iterator[IO]:
     """A file handle whose content replaces ``path`` when the block succeeds; if it fails ``path`` is untouched.
+
+    It writes a temporary file beside the target (``mkstemp``: a unique name per process and thread)
+    and renames it over the target with ``os.replace``, atomic on POSIX and Windows. A failure, or a
+    kill, leaves the previous file as it was; the temporary file is removed whenever the writing
+    process survives.
 
     Args:
         mode: ``"wb"`` or ``"w"`` (then pass ``encoding``/``newline`` as to ``open``).

@@ -1,5 +1,4 @@
 """The pictures: confusion matrices, MRI slices with class probabilities, loss curves (matplotlib).
-
 ``draw_*`` functions draw into given axes (to compose reports); ``plot_*`` functions write a PNG.
 """
 from __future__ import annotations
@@ -38,6 +37,7 @@ def draw_slices(axes_triplet: Sequence, volume: np.ndarray, label: str = "") -> 
 
 
 def draw_probabilities(axes, probabilities: Sequence[float], class_names: Sequence[str], title: str = "") -> None:
+    """One horizontal bar per class (``probabilities[i]`` for ``class_names[i]``) on a 0–1 axis."""
     axes.barh(list(class_names), list(probabilities), color="tab:blue")
     axes.set_xlim(0, 1)
     axes.set_xlabel("probability")
@@ -56,6 +56,7 @@ def draw_loss_curves(axes, curves: Mapping[str, Sequence[float]], ylabel: str = 
 
 
 def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "") -> Path:
+    """:func:`draw_confusion_matrix` into a PNG at ``path``; returns ``path``."""
     counts = np.asarray(confusion["counts"])
     figure = Figure(figsize=(1.6 + 1.1 * counts.shape[1], 1.4 + 1.0 * counts.shape[0]))
     axes = figure.subplots()

@@ -1,5 +1,4 @@
 """EHR record → the description sentence the model reads (the paper's text T).
-
 A missing field (None, NaN, empty) is left out of the sentence, never written as "nan".
 """
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """Content hashes of input files: the key of the preprocessed-volume cache, and the provenance in reports.
-
 Standard library only, so data-preparation scripts can use it without importing torch or LAVIS.
 """
 from __future__ import annotations

@@ -1,5 +1,4 @@
 """The M3D-VQA CSV format (Bai et al. 2024): columns, question types, missing values, reading a table.
-
 Shared by the registered ``m3d_vqa`` dataset (:mod:`lavis_medblip.datasets.m3d_vqa`) and the
 M3D-VQA-AD filter (``python -m dataset_builders.m3d_vqa_ad``); pandas only, no torch or LAVIS.
 """

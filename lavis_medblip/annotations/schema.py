@@ -1,15 +1,6 @@
-"""The one annotation schema every cohort is converted to (one JSON object per line).
-
-Cohort preparation scripts in ``dataset_builders/`` write it, the cohort simulator writes it,
-and the registered LAVIS builders read it. Example line::
-
-    {"image": "sub-0001/ses-bl/t1.nii.gz", "subject_id": "002_S_0295", "visit": "bl",
-     "cohort": "ADNI", "site": "002", "ehr": {"age": 84.8, "sex": "M", "education_years": 18,
-     "mmse": 28, "cdr_global": 0.0}, "text": "An 84.8-year-old male with 18 years of education ...",
-     "label": "NC", "split": "train"}
-
-``image`` is absolute, or relative to the annotation file's folder (or to the builder's
-``storage`` root when one is configured).
+"""The one annotation schema every cohort is converted to (one JSON object per line): cohort
+preparation scripts in ``dataset_builders/`` and the cohort simulator write it, the registered LAVIS
+builders read it.
 """
 from __future__ import annotations
 
@@ -34,6 +25,17 @@ EHR_FIELDS: tuple[str, ...] = (
 
 @dataclass
 class AnnotationRecord:
+    """One line of an annotation file, e.g.::
+
+        {"image": "sub-0001/ses-bl/t1.nii.gz", "subject_id": "002_S_0295", "visit": "bl",
+         "cohort": "ADNI", "site": "002", "ehr": {"age": 84.8, "sex": "M", "education_years": 18,
+         "mmse": 28, "cdr_global": 0.0}, "text": "An 84.8-year-old male with 18 years of education ...",
+         "label": "NC", "split": "train"}
+
+    ``image`` is absolute, or relative to the annotation file's folder (or to the builder's
+    ``storage`` root when one is configured).
+    """
+
     image: str
     subject_id: str
     label: str | None

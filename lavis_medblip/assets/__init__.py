@@ -1,5 +1,4 @@
 """Vendored reference data: the ICBM-2009c T1 template, its brain mask and the CerebrA atlas.
-
 See ``brain/README.md`` for provenance; ``brain/COPYING.MNI`` is the notice that must travel with
 the template. CerebrA: Manera et al., Scientific Data 7, 237 (2020).
 """

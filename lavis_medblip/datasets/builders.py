@@ -1,11 +1,5 @@
-"""Registered LAVIS dataset builders for brain-MRI cohorts in the project's annotation schema.
-
-A builder is LAVIS's three attributes plus a defaults YAML (``configs/datasets/<name>.yaml``):
-annotation files per split, an optional image root, the classes, and ``on_error``. A project
-YAML drops a default split with ``<split>: null``; ``brain_mri`` has no default splits. Relative
-storage paths resolve against LAVIS's ``cache_root`` (our launchers set it to the working
-directory); absolute paths are used as they are. Nothing is ever downloaded. The processors are
-the model's (its ``preprocess`` section, see :func:`processor_config`).
+"""Registered LAVIS dataset builders for brain-MRI cohorts in the project's annotation schema
+(``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``); nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -59,6 +53,13 @@ def resolve_storage(path: str) -> str:
 
 class AnnotationBuilder(BaseDatasetBuilder):
     """Builds one dataset per split listed in ``build_info.annotations`` (nothing to download).
+
+    A builder is LAVIS's three attributes plus a defaults YAML (``configs/datasets/<name>.yaml``):
+    annotation files per split, an optional image root, the classes, and ``on_error``. A project
+    YAML drops a default split with ``<split>: null``; ``brain_mri`` has no default splits. Relative
+    storage paths resolve against LAVIS's ``cache_root`` (our launchers set it to the working
+    directory); absolute paths are used as they are. The processors are the model's (its
+    ``preprocess`` section, see :func:`processor_config`).
 
     Subclasses name their dataset classes and add their own constructor keywords in
     :meth:`dataset_kwargs`.

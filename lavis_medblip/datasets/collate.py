@@ -1,10 +1,5 @@
-"""Bad samples under ``on_error``: an error naming the file and sample, or a logged skip.
-
-A dataset (a :class:`SkippingDataset`) reads its scan with :func:`process_or_skip` and returns
-``None`` for a skipped sample; :func:`collate_skipping` drops those and counts them in
-``num_skipped`` for the run's log. A scan that reads but raised a
-:class:`~lavis_medblip.processors.readers.DegenerateVolumeWarning` (constant, mostly NaN, ...)
-is kept; its sample's ``warning`` says why, and the batch's ``num_degenerate`` counts them.
+"""Bad samples under ``on_error``: an error naming the file and sample, or a logged skip that the
+collater drops and counts.
 """
 from __future__ import annotations
 
@@ -24,8 +19,9 @@ def process_or_skip(processor: Callable[[str], torch.Tensor], path: Any, on_erro
     """``(processor(path), warning)``; on failure raise :class:`VolumeReadError` naming ``path`` and
     ``where`` (e.g. "sample 3 (row 17)"), or log and return ``(None, "")`` when ``on_error`` is ``"skip"``.
 
-    ``warning`` joins the messages of any ``DegenerateVolumeWarning`` (else ""); other warnings
-    pass through as usual.
+    A scan that reads but raised a :class:`~lavis_medblip.processors.volume_types.DegenerateVolumeWarning`
+    (constant, mostly NaN, ...) is kept: ``warning`` joins the messages of any such warning (else "")
+    and the batch's ``num_degenerate`` counts them; other warnings pass through as usual.
     """
     try:
         with degenerate_volume_warnings() as degenerate:
@@ -63,7 +59,11 @@ def collate_skipping(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]
 
 
 class SkippingDataset(Dataset):
-    """What our datasets share: processors, ``on_error``, ``records``, skipped-annotation log, collater."""
+    """What our datasets share: processors, ``on_error``, ``records``, skipped-annotation log, collater.
+
+    A subclass reads its scan with :func:`process_or_skip` and returns ``None`` for a skipped sample;
+    :func:`collate_skipping` drops those and counts them in ``num_skipped`` for the run's log.
+    """
 
     def __init__(self, vis_processor: Callable[[Any], torch.Tensor], text_processor: Callable[[str], str],
                  on_error: str = "raise"):

@@ -1,30 +1,5 @@
-"""M3D-VQA (Bai et al. 2024) as a registered LAVIS dataset: ``m3d_vqa``.
-
-The CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) have the columns :data:`lavis_medblip.annotations.m3d_vqa.M3D_COLUMNS`; ``Image Path``
-is relative to the data root (``build_info.images.storage``) and points at a 1×D×H×W float32
-``.npy`` in [0, 1], which the ``mri_volume_*`` processors read as they are. Missing choices are
-``NA`` (or blank) and are dropped; the letters of the remaining choices are kept.
-
-``mode`` (dataset config):
-
-- ``closed``: the M3D closed-ended prompt ``"{Question} Choices: A. {A} B. {B} …"``, target
-  ``"{Answer Choice}. {Answer}"``; the sample also carries ``choices``, ``choice_letters`` and
-  ``answer_choice`` for scoring.
-- ``open``: the question alone, target the answer text.
-
-The prompt is put into the model's question template ``prompt_template`` (default MedBLIP's
-``"Question: {question} Answer:"``, paper eq. 2).
-
-**Context text.** ``text_input`` (MedBLIP's EHR-text slot) is empty by default: M3D's ``Text`` column
-is the radiology report the questions were generated from, so putting it in the prompt would
-hand the model the answer. ``use_report_text: true`` fills it with the report, for training
-report-grounded VQA only; never evaluate with it.
-
-Errors follow :class:`~lavis_medblip.datasets.mri_dataset.MRIAnnotationDataset`: a malformed row
-(unknown question type, answer letter not among the choices, …) raises ``ValueError`` naming
-``file:line`` with ``on_error: raise`` and is logged, skipped and listed in ``skipped_annotations``
-with ``on_error: skip``; an unreadable or missing volume raises naming the row and file, or
-returns ``None`` which the collater drops and counts in ``num_skipped``.
+"""M3D-VQA (Bai et al. 2024) as a registered LAVIS dataset, ``m3d_vqa``: closed- or open-ended
+questions about a 3D volume, read from M3D's CSVs.
 """
 from __future__ import annotations
 
@@ -125,7 +100,29 @@ def read_m3d_records(path: str | os.PathLike, mode: str = "closed", on_error: st
 
 class M3DVQADataset(SkippingDataset):
     """Yields ``{image, text_input, question, text_output, question_type, choices, choice_letters,
-    answer_choice, answer, raw_question, instance_id}``; ``question`` is the full prompt for the model."""
+    answer_choice, answer, raw_question, instance_id}``; ``question`` is the full prompt for the model.
+
+    Args:
+        ann_paths: M3D-VQA CSVs (``M3D_VQA_{train,val,test,test5k}.csv``) with the columns
+            :data:`lavis_medblip.annotations.m3d_vqa.M3D_COLUMNS`. ``Image Path`` is relative to the
+            data root (``image_root``, ``build_info.images.storage``) and points at a 1×D×H×W float32
+            ``.npy`` in [0, 1], which the ``mri_volume_*`` processors read as they are. Missing
+            choices are ``NA`` (or blank) and are dropped; the letters of the remaining choices are kept.
+        mode: ``closed``: the M3D closed-ended prompt ``"{Question} Choices: A. {A} B. {B} …"``, target
+            ``"{Answer Choice}. {Answer}"``; the sample also carries ``choices``, ``choice_letters``
+            and ``answer_choice`` for scoring. ``open``: the question alone, target the answer text.
+        prompt_template: the model's question template the prompt is put into (default MedBLIP's
+            ``"Question: {question} Answer:"``, paper eq. 2).
+        use_report_text: ``text_input`` (MedBLIP's EHR-text slot) is empty by default: M3D's ``Text``
+            column is the radiology report the questions were generated from, so putting it in the
+            prompt would hand the model the answer. ``True`` fills it with the report, for training
+            report-grounded VQA only; never evaluate with it.
+        on_error: as for :class:`~lavis_medblip.datasets.mri_dataset.MRIAnnotationDataset`: a malformed
+            row (unknown question type, answer letter not among the choices, …) raises ``ValueError``
+            naming ``file:line`` with ``raise`` and is logged, skipped and listed in
+            ``skipped_annotations`` with ``skip``; an unreadable or missing volume raises naming the
+            row and file, or returns ``None`` which the collater drops and counts in ``num_skipped``.
+    """
 
     def __init__(
         self,

@@ -1,8 +1,4 @@
 """A map-style dataset over annotation files in the project's schema (3D scan + EHR text + label).
-
-Bad input never crashes mid-epoch unseen: with ``on_error: raise`` the error names the file (and
-annotation line) and the problem; with ``on_error: skip`` the sample is logged, dropped by the
-collater, and counted in ``num_skipped`` so the task can report it in the run's log.
 """
 from __future__ import annotations
 
@@ -25,6 +21,10 @@ class MRIAnnotationDataset(SkippingDataset):
 
     ``text_output`` is the class answer the LM learns to say (``CLASS_ANSWERS``); ``label`` is the
     index into ``class_names`` (-1 for records without a diagnosis, e.g. OASIS-1 pretraining pairs).
+
+    Bad input never crashes mid-epoch unseen: with ``on_error: raise`` the error names the file (and
+    annotation line) and the problem; with ``on_error: skip`` the sample is logged, dropped by the
+    collater, and counted in ``num_skipped`` so the task can report it in the run's log.
     """
 
     def __init__(

@@ -1,11 +1,5 @@
-"""MedBLIP's model config: one typed section per part, each the single home of its defaults.
-
-``model:`` in a YAML has the sections ``vision`` (3D stem + 2D ViT), ``qformer``, ``lm`` (with
-``lora``) and ``loss``, and at the top what belongs to the whole model (what it is, its input size,
-which weights it starts from, what trains in a stage, the prompt). A model type's YAML holds only
-what differs from ``medblip_base.yaml``, which holds only what differs from these defaults
-(:func:`load_model_config` composes them). Configs written before the sections existed, with flat
-keys (``lm_model``, ``vit_weights``…), are read through :func:`nest_flat_keys`.
+"""MedBLIP's model config: one typed section per part (``vision``, ``qformer``, ``lm`` with ``lora``,
+``loss``), each the single home of its defaults, and the composition of a model type's YAML.
 """
 import dataclasses
 import io
@@ -166,6 +160,12 @@ class LossConfig:
 class MedBLIPConfig:
     """The whole model: its parts' sections, and the settings that concern more than one part.
 
+    ``model:`` in a YAML has the sections ``vision`` (3D stem + 2D ViT), ``qformer``, ``lm`` (with
+    ``lora``) and ``loss``, and at the top what belongs to the whole model (what it is, its input size,
+    which weights it starts from, what trains in a stage, the prompt). Configs written before the
+    sections existed, with flat keys (``lm_model``, ``vit_weights``…), are read through
+    :func:`nest_flat_keys`.
+
     Defaults are the paper's model (224³ input, patch 32, EVA-CLIP ViT-g, 32 queries, λ_LG = 1)
     with random weights and no LM named.
     """
@@ -309,6 +309,9 @@ def model_type_file(model_type: str) -> Path:
 
 def compose_model_config(type_file: str | os.PathLike) -> DictConfig:
     """The whole config of a model type: the defaults, then ``medblip_base.yaml``, then ``type_file``.
+
+    A model type's YAML holds only what differs from ``medblip_base.yaml``, which holds only what
+    differs from the defaults of :class:`MedBLIPConfig`.
 
     Interpolations (``${medblip_pretrained:…}``) are kept, to be resolved when read.
     """

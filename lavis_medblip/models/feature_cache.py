@@ -1,42 +1,6 @@
-"""On-disk cache of the frozen 3D vision encoder's output tokens, one ``.npy`` per volume.
-
-When the whole vision path is frozen (``freeze_vision_stem: true``: 3D stem *and* ViT blocks, e.g.
-a second stage that trains only the Q-Former and LoRA), a volume always yields the same ViT tokens,
-so ``vision_feature_cache: <dir>`` stores them and later epochs skip the stem and the ViT.
-
-What is cached: ``visual_encoder.forward_features(volume)``, i.e. the tokens *before* ``ln_vision``.
-``ln_vision`` is trainable in MedBLIP (as in BLIP-2; it is loaded with the Q-Former), so it runs
-live on the cached tokens and the cache stays valid while it learns.
-
-The key of an entry is ``sha256(volume key : encoder key : format)``:
-
-- *volume key*: sha256 of the preprocessed volume tensor itself (dtype, shape and bytes). We chose
-  this over an id supplied by the dataset (e.g. ``content_sha256`` of the scan file plus the
-  processor's ``cache_settings``) because it is right whatever produced the tensor: the train
-  processor augments randomly by default, and a file-based key would then serve the features of
-  another augmentation; direct API callers (``load_model_and_preprocess``) pass bare tensors; and it
-  needs no change to the dataset, collater or runner. It costs one sha256 pass over the volume:
-  ~0.3 ms at 48³ and ~60 ms at 224³ (float32, one core), small against the stem + ViT on CPU. For
-  paper-scale runs on a GPU, where ViT-g takes a few tens of ms per volume, a dataset-computed key
-  would be cheaper; :meth:`VisionFeatureCache.tokens` accepts ``volume_keys`` for that.
-  Consequence: with random augmentation every training volume is new and the cache never hits;
-  use it with ``augment: false`` in the train processor (the eval processor never augments).
-- *encoder key*: sha256 of the vision encoder's weights (every parameter and buffer: names,
-  dtypes, shapes, bytes) and architecture (module types and their scalar settings such as
-  ``num_heads``), so a different stem or ViT never reads another one's entries. Hashing all
-  weights costs ~1.5 s per GB, so it is memoised on each tensor's storage and in-place version
-  counter: ``load_state_dict`` (e.g. a stage-1 checkpoint's stem) or an in-place update re-hashes
-  on the next call (edits through ``.data`` bypass version counters; call
-  :meth:`VisionFeatureCache.forget_encoder_key` after those).
-- *format*: a version string bumped whenever what is stored changes.
-
-Entries are float16 ``.npy`` files in an :class:`lavis_medblip.storage.ArrayStore` (written whole,
-then renamed into place; read through a copy-on-write memory map), as the volume cache's are. The cache runs where the
-model runs (the training process of each rank, not the DataLoader workers); any number of ranks or
-runs may share one directory: a reader sees no entry or a complete one. An unreadable entry, or
-one of the wrong shape or dtype, is rebuilt. On a miss the float16-rounded tokens are returned, so
-a first (filling) and a second (hitting) call give identical results; against the uncached path
-they differ by float16 rounding only.
+"""On-disk cache of the frozen 3D vision encoder's output tokens, one float16 ``.npy`` per volume:
+with the whole vision path frozen, ``vision_feature_cache: <dir>`` lets later epochs skip the stem
+and the ViT (design and costs: README, Design notes).
 """
 from __future__ import annotations
 
@@ -99,6 +63,26 @@ def module_sha256(module: nn.Module) -> str:
 class VisionFeatureCache:
     """Serves ``encoder.forward_features`` per volume from ``cache_dir``, computing only the misses.
 
+    For ``freeze_vision_stem: true`` (3D stem *and* ViT blocks frozen, e.g. a second stage that
+    trains only the Q-Former and LoRA), where a volume always yields the same ViT tokens. What is
+    cached are the tokens *before* ``ln_vision``, which is trainable in MedBLIP (as in BLIP-2; it is
+    loaded with the Q-Former), so it runs live on them and the cache stays valid while it learns.
+
+    An entry's key is ``sha256(volume key : encoder key : format)``: the volume key is
+    :func:`tensor_sha256` of the preprocessed volume (or a caller's ``volume_keys``), the encoder key
+    :func:`module_sha256` of the encoder's weights and architecture (so a different stem or ViT never
+    reads another one's entries), the format :data:`FEATURE_CACHE_FORMAT`. With random augmentation
+    every training volume is new and the cache never hits: use ``augment: false`` in the train
+    processor (the eval processor never augments).
+
+    Entries live in an :class:`lavis_medblip.storage.ArrayStore` (written whole, then renamed into
+    place; read through a copy-on-write memory map), as the volume cache's do. The cache runs where
+    the model runs (the training process of each rank, not the DataLoader workers); any number of
+    ranks or runs may share one directory: a reader sees no entry or a complete one. An unreadable
+    entry, or one of the wrong shape or dtype, is rebuilt. On a miss the float16-rounded tokens are
+    returned, so a filling and a hitting call give identical results; against the uncached path they
+    differ by float16 rounding only.
+
     ``hits``/``misses`` count volumes. The encoder must be frozen entirely (checked on every call):
     cached tokens carry no gradient, so a trainable stem would silently stop learning.
     """
@@ -114,7 +98,12 @@ class VisionFeatureCache:
         return self.store.root
 
     def encoder_key(self) -> str:
-        """Hash of the encoder's weights and architecture, recomputed only when a tensor changed."""
+        """Hash of the encoder's weights and architecture, recomputed only when a tensor changed.
+
+        Memoised on each tensor's storage and in-place version counter: ``load_state_dict`` (e.g. a
+        stage-1 checkpoint's stem) or an in-place update re-hashes on the next call; edits through
+        ``.data`` bypass version counters, so call :meth:`forget_encoder_key` after those.
+        """
         # data_ptr catches replaced tensors, _version catches in-place updates (copy_, add_, ...).
         state = tuple((name, tensor.data_ptr(), tensor._version, tensor.dtype, tuple(tensor.shape))
                       for name, tensor in _named_tensors(self.encoder))
@@ -141,7 +130,11 @@ class VisionFeatureCache:
     ) -> torch.Tensor:
         """Tokens (B, N+1, width) float32 for volumes (B, 1, S, S, S); ``compute`` runs on the misses.
 
-        ``volume_keys`` (one stable content id per volume) replaces hashing the volume tensors.
+        Args:
+            image: the preprocessed volumes.
+            compute: ``visual_encoder.forward_features``, run (without a graph) on the missed volumes only.
+            volume_keys: one stable content id per volume, computed by the dataset; replaces hashing
+                the volume tensors (cheaper where the ViT is fast, e.g. ViT-g on a GPU).
         """
         trainable = [name for name, p in self.encoder.named_parameters() if p.requires_grad]
         if trainable:

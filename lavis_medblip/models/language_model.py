@@ -1,14 +1,5 @@
-"""The frozen language model behind MedBLIP, decoder-only or encoder-decoder, optionally with LoRA.
-
-One adapter hides the two families from the model:
-
-- decoder-only (GPT-2-style BioMedLM, BioGPT, any Llama-family LM) via ``AutoModelForCausalLM``:
-  the answer follows the prompt in one sequence, and the loss is shifted by one;
-- encoder-decoder (T5) via ``AutoModelForSeq2SeqLM``: the prompt goes to the encoder, the answer
-  is the decoder's target.
-
-A prompt is a list of segments in order (paper eq. 2): the visual prefix (embeddings), the EHR
-text and the question (token ids). The loss is taken on answer tokens only.
+"""The frozen language model behind MedBLIP, decoder-only or encoder-decoder, optionally with LoRA:
+one adapter that lays out prompts, scores answers and generates for either family.
 """
 from __future__ import annotations
 
@@ -42,7 +33,15 @@ class PromptBatch:
 
 
 class LanguageModel(nn.Module):
-    """A Hugging Face LM and its tokenizer, frozen, with optional LoRA."""
+    """A Hugging Face LM and its tokenizer, frozen, with optional LoRA; it hides the two families:
+
+    - decoder-only (GPT-2-style BioMedLM, BioGPT, any Llama-family LM) via ``AutoModelForCausalLM``:
+      the answer follows the prompt in one sequence, and the loss is shifted by one;
+    - encoder-decoder (T5) via ``AutoModelForSeq2SeqLM``: the prompt goes to the encoder, the answer
+      is the decoder's target.
+
+    The loss is taken on answer tokens only.
+    """
 
     def __init__(self, model: nn.Module, tokenizer: Any):
         super().__init__()
@@ -95,6 +94,7 @@ class LanguageModel(nn.Module):
         return self.model.get_input_embeddings().embedding_dim
 
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
+        """Token ids per text, without special tokens, each cut to ``max_length``."""
         ids = self.tokenizer(list(texts), add_special_tokens=False, truncation=True, max_length=max_length)
         return ids["input_ids"]
 
@@ -110,7 +110,15 @@ class LanguageModel(nn.Module):
         """Lay out ``order`` segments (``image`` = visual embeds, others = token ids) per sample.
 
         Decoder-only: ``[prompt..., answer, eos]``, labels on the answer. Seq2seq: the prompt goes to
-        the encoder, ``[answer, eos]`` is the decoder target. ``left_pad`` is for generation.
+        the encoder, ``[answer, eos]`` is the decoder target.
+
+        Args:
+            visual_embeds: the visual prefix (B, queries, LM width).
+            prompt_ids: token ids per segment name and sample, e.g. ``text`` (the EHR text) and
+                ``question``.
+            order: the prompt's segments in order (paper eq. 2), e.g. ``("image", "text", "question")``.
+            answer_ids: the answers' token ids, for training and scoring; ``None`` for generation.
+            left_pad: pad on the left, for generation.
         """
         batch_size, visual_length, _ = visual_embeds.shape
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id

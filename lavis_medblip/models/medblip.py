@@ -1,15 +1,6 @@
 """MedBLIP (Chen & Hong, ACCV 2024): 3D brain MRI + EHR text → diagnosis, registered as ``medblip``.
-
-    volume ─► 3D stem ─► frozen EVA ViT blocks ─► MedQFormer (queries) ─► projection ─► visual prefix
-                                                        │ ITC with EHR text and with Q&A text
-    prompt = [visual prefix, EHR text, "Question: … Answer:"] ─► frozen LM (+LoRA) ─► diagnosis
-
-Samples (what the registered datasets yield):
-
-- ``image``: float tensor (B, 1, S, S, S) from the ``mri_volume_*`` processors;
-- ``text_input``: list of EHR descriptions;
-- ``question`` (optional): list of questions, default the paper's diagnosis question;
-- ``text_output`` (training): list of answers, e.g. the diagnosis.
+The model assembles its parts (vision path, Q-Former, LM adapter) and holds the losses, the
+inference (generation, ranking of candidate answers) and the checkpoints.
 """
 from __future__ import annotations
 
@@ -88,7 +79,12 @@ def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tens
 
 @registry.register_model("medblip")
 class MedBLIP(Blip2Base):
-    """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA."""
+    """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA::
+
+        volume ─► 3D stem ─► frozen EVA ViT blocks ─► MedQFormer (queries) ─► projection ─► visual prefix
+                                                            │ ITC with EHR text and with Q&A text
+        prompt = [visual prefix, EHR text, "Question: … Answer:"] ─► frozen LM (+LoRA) ─► diagnosis
+    """
 
     PRETRAINED_MODEL_CONFIG_DICT = {
         name: str(model_type_file(name)) for name in MODEL_TYPES  # each reads as a whole: default_config_path
@@ -240,6 +236,14 @@ class MedBLIP(Blip2Base):
 
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, samples: Mapping[str, Any]) -> MedBLIPOutput:
+        """The training losses of one batch.
+
+        Args:
+            samples: what the registered datasets yield: ``image``, a float tensor (B, 1, S, S, S)
+                from the ``mri_volume_*`` processors; ``text_input``, a list of EHR descriptions;
+                ``question`` (optional), a list of questions, default the paper's diagnosis
+                question; ``text_output``, a list of answers, e.g. the diagnosis.
+        """
         image = samples["image"]
         ehr_texts = list(samples["text_input"])
         answers = list(samples["text_output"])
@@ -281,7 +285,10 @@ class MedBLIP(Blip2Base):
         do_sample: bool = False,
         **generate_kwargs: Any,
     ) -> list[str]:
-        """Greedy (``num_beams=1``) or beam-search answers, one string per sample."""
+        """Greedy (``num_beams=1``) or beam-search answers, one string per sample.
+
+        ``samples`` are as for :meth:`forward`, without ``text_output``.
+        """
         image = samples["image"]
         questions = self._questions(samples, image.shape[0])
         _, prefix = self.visual_prefix(image)
@@ -301,8 +308,10 @@ class MedBLIP(Blip2Base):
     ) -> CandidateRanking:
         """Rank candidate answers by length-normalised LM log-likelihood (deterministic zero-shot).
 
-        ``candidates`` is one list for the whole batch (e.g. class answers) or one list per sample
-        (e.g. multiple-choice options); every sample must have the same number of candidates.
+        Args:
+            samples: as for :meth:`forward`, without ``text_output``.
+            candidates: one list for the whole batch (e.g. class answers) or one list per sample (e.g.
+                multiple-choice options); every sample must have the same number of candidates.
         """
         image = samples["image"]
         batch_size = image.shape[0]

@@ -1,12 +1,5 @@
-"""The 3D vision path: a trainable 3D stem in front of LAVIS's frozen 2D EVA ViT blocks.
-
-MedBLIP (§3.3) cuts a volume into 3D sub-volumes, projects each with a learnable linear map
-(a Conv3d whose kernel equals its stride) and adds learnable 3D position embeddings; the tokens
-then run through the frozen blocks of a ViT pre-trained on 2D images. At the paper's settings
-(224³ input, patch 32) that is 7³ = 343 patch tokens + 1 CLS token, each 1408 wide.
-
-We build LAVIS's own ``VisionTransformer`` and swap its 2D ``patch_embed`` / ``pos_embed`` for 3D
-ones, so ``forward_features`` (CLS token, blocks, gradient checkpointing) is LAVIS's code, unchanged.
+"""The 3D vision path: a trainable 3D stem in front of LAVIS's frozen 2D EVA ViT blocks (paper §3.3),
+built, loaded with 2D weights and frozen.
 """
 from __future__ import annotations
 
@@ -78,6 +71,14 @@ def build_vit_3d(
     drop_path_rate: float = 0.0,
 ) -> VisionTransformer:
     """LAVIS's EVA ViT with a 3D patch embedding and a 3D position embedding (both trainable).
+
+    MedBLIP (§3.3) cuts a volume into 3D sub-volumes, projects each with a learnable linear map
+    (a Conv3d whose kernel equals its stride, :class:`PatchEmbed3D`) and adds learnable 3D position
+    embeddings; the tokens then run through the frozen blocks of a ViT pre-trained on 2D images. At
+    the paper's settings (224³ input, patch 32) that is 7³ = 343 patch tokens + 1 CLS token, each
+    1408 wide. We build LAVIS's own ``VisionTransformer`` and swap its 2D ``patch_embed`` /
+    ``pos_embed`` for 3D ones, so ``forward_features`` (CLS token, blocks, gradient checkpointing)
+    is LAVIS's code, unchanged.
 
     ``vit_arch`` overrides the preset's ``embed_dim``, ``depth``, ``num_heads``, ``mlp_ratio`` (tiny
     CPU configurations use it). Weights are loaded separately by :func:`load_vit_weights`.

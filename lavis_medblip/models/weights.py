@@ -1,11 +1,6 @@
 """Where weights come from: a URL (LAVIS's download cache), a local file, or a hub name/folder.
-
 Every hub name or URL in a model YAML can be replaced by a local path; when a load fails, the
 error names the YAML key to set.
-
-Every ``.pth`` is read by :func:`read_checkpoint`, the package's only ``torch.load``: with
-``weights_only=True``, so a file holds tensors, numbers, strings and plain containers, and a
-file that needs pickled code to load is refused before any of it runs.
 """
 from __future__ import annotations
 
@@ -38,6 +33,10 @@ class CheckpointError(RuntimeError):
 
 def read_checkpoint(url_or_path: str | os.PathLike, key: str = "finetuned") -> Any:
     """The object a ``.pth`` holds (``key`` names the YAML key for the not-found message).
+
+    The package's only ``torch.load``: with ``weights_only=True``, so a file holds tensors, numbers,
+    strings and plain containers, and a file that needs pickled code to load is refused before any
+    of it runs.
 
     Raises :class:`CheckpointError` naming the file when it is missing, truncated or not a
     checkpoint, or when loading it would need pickled code (the code is not run).

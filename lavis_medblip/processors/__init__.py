@@ -1,5 +1,4 @@
 """Registered LAVIS processors: 3D MRI volumes and EHR text.
-
 Importing this package registers ``mri_volume_train``, ``mri_volume_eval``, ``mri_volume_blank`` and ``medblip_text``
 in ``lavis.common.registry``.
 """

@@ -1,5 +1,4 @@
 """Random train-time augmentation of a ``1 x S x S x S`` tensor in [0, 1] (returns the same shape).
-
 The transforms draw from torch's global RNG, which DataLoader seeds differently in every worker
 (numpy's global RNG would repeat the same augmentations across workers).
 """

@@ -1,8 +1,4 @@
 """``mri_volume_blank``: a zero volume in place of the scan, for text-only baselines.
-
-The paper's Table 2 compares MedBLIP with its LM reading the text alone. Swapping a dataset's
-``vis_processor`` for this one trains and evaluates exactly the same model and pipeline with the
-image information removed (the file is not even read).
 """
 from __future__ import annotations
 
@@ -16,6 +12,11 @@ from lavis.processors.base_processor import BaseProcessor
 
 @registry.register_processor("mri_volume_blank")
 class MriVolumeBlankProcessor(BaseProcessor):
+    """A zero ``1 x S x S x S`` volume, whatever the item: the paper's Table 2 compares MedBLIP with its
+    LM reading the text alone. Swapping a dataset's ``vis_processor`` for this one trains and evaluates
+    exactly the same model and pipeline with the image information removed (the file is not even read).
+    """
+
     def __init__(self, image_size: int = 224):
         super().__init__()
         self.image_size = int(image_size)

@@ -1,5 +1,4 @@
 """DICOM through pydicom: a series folder, or one multi-frame file, as one :class:`Volume`.
-
 Also what a DICOM file is (suffix, or the ``DICM`` marker at byte 128 since scanner exports often
 have no suffix) and what a DICOM-series folder is, for finding scans.
 """

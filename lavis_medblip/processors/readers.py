@@ -1,10 +1,6 @@
-"""Volume readers, one per file format (``verify_suffix``, ``read``), and what counts as a scan.
-
-NIfTI and MGH/MGZ through nibabel, M3D's ``.npy`` (1 x D x H x W in [0, 1]) through numpy, and DICOM
-(:mod:`lavis_medblip.processors.dicom`). :func:`load_volume` picks the reader; an error names the
-file and the readers tried. A scan is a file one of :data:`DEFAULT_READERS` takes by its suffix
-(:func:`has_volume_suffix`), or a DICOM-series folder (:func:`~lavis_medblip.processors.dicom.is_dicom_series`);
-:func:`scan_name` is its name without that suffix.
+"""Volume readers, one per file format (``verify_suffix``, ``read``), and what counts as a scan:
+NIfTI and MGH/MGZ through nibabel, M3D's ``.npy`` through numpy, DICOM through
+:mod:`lavis_medblip.processors.dicom`.
 """
 from __future__ import annotations
 
@@ -103,7 +99,10 @@ VOLUME_SUFFIXES = tuple(sorted({suffix for reader in DEFAULT_READERS for suffix 
 
 
 def has_volume_suffix(path: Union[str, os.PathLike]) -> bool:
-    """A file name one of :data:`DEFAULT_READERS` takes (``.nii``, ``.nii.gz``, ``.mgh``, ``.mgz``, ``.npy``, ``.dcm``, ...)."""
+    """A file name one of :data:`DEFAULT_READERS` takes (``.nii``, ``.nii.gz``, ``.mgh``, ``.mgz``, ``.npy``, ``.dcm``, ...).
+
+    A scan is such a file or a DICOM-series folder (:func:`~lavis_medblip.processors.dicom.is_dicom_series`).
+    """
     return Path(path).name.lower().endswith(VOLUME_SUFFIXES)
 
 

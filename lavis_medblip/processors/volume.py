@@ -1,34 +1,6 @@
-"""Registered 3D MRI volume processors: ``mri_volume_eval`` and ``mri_volume_train``.
-
-Design follows MONAI: one reader per file format behind a common interface (``readers.py``),
-and small transform classes with ``__call__`` (``transforms.py``, ``template.py``, ``augment.py``) that a processor composes::
-
-    read (NIfTI / MGH / M3D .npy / DICOM series; the header checked against VolumeLimits first)
-      -> EnsureVolume3D -> ReplaceNonFinite
-      -> ToCanonicalRAS -> ScaleIntensityPercentiles
-      -> ResizeLongestSide + CenterPadToCube     (default: the paper's "pad to a cube and scale")
-         or ResampleToFieldOfView                (field_of_view_mm: same mm per voxel at every site)
-      [-> CorrectBiasField]                      (bias_field_sigma_mm)
-      [-> HeadQuantileNormalize]                 (intensity_normalization: head_quantiles)
-      [-> RegisterToTemplate]                    (register_to_template: affine to ICBM 2009c, brain only)
-      [-> cache] [-> train-time augmentation]
-      [-> deviation from the template]           (template_deviation_scale) -> output dtype
-
-The defaults follow the paper (its ADNI scans were already bias-corrected and registered). The
-optional steps are for raw multi-site scans: they make a structure's size in voxels and its
-intensity comparable across scanners (the CPU demo uses them all).
-
-Every processor returns a ``1 x S x S x S`` tensor in [0, 1] whose axes are (R, A, S) voxel
-order (with ``template_deviation_scale``: the signed, scaled difference from the template).
-Anything that cannot become such a tensor raises :class:`VolumeReadError` naming the file and
-the problem; whether to skip or abort is the dataset's decision.
-
-Speed notes (why the code looks the way it does): NIfTI data is stored x-fastest (Fortran
-order), and trilinear interpolation on a strided tensor is ~3x slower than on a contiguous
-one, so the array is made contiguous once, in its native (usually 1-2 byte) dtype, right after
-reorientation; everything after that is float32 torch on contiguous memory. Trilinear
-resizing is done separably (:func:`resize_trilinear_into`), 2-3x faster than
-``F.interpolate`` on one thread, and written straight into the padded cube.
+"""Registered 3D MRI volume processors, ``mri_volume_eval`` and ``mri_volume_train``: each composes a
+reader (``readers.py``) and small transforms (``transforms.py``, ``template.py``, ``augment.py``) into
+one ``1 x S x S x S`` tensor per scan (design and speed: README, Design notes).
 """
 from __future__ import annotations
 
@@ -88,11 +60,29 @@ def _spacing_tuple(value: Any) -> Optional[tuple[float, float, float]]:
 
 
 class MriVolumeProcessor(BaseProcessor):
-    """Deterministic MRI volume preprocessing shared by the train and eval processors.
+    """Deterministic MRI volume preprocessing shared by the train and eval processors::
+
+        read (NIfTI / MGH / M3D .npy / DICOM series; the header checked against VolumeLimits first)
+          -> EnsureVolume3D -> ReplaceNonFinite
+          -> ToCanonicalRAS -> ScaleIntensityPercentiles
+          -> ResizeLongestSide + CenterPadToCube     (default: the paper's "pad to a cube and scale")
+             or ResampleToFieldOfView                (field_of_view_mm: same mm per voxel at every site)
+          [-> CorrectBiasField]                      (bias_field_sigma_mm)
+          [-> HeadQuantileNormalize]                 (intensity_normalization: head_quantiles)
+          [-> RegisterToTemplate]                    (register_to_template: affine to ICBM 2009c, brain only)
+          [-> cache] [-> train-time augmentation]
+          [-> deviation from the template]           (template_deviation_scale) -> output dtype
+
+    The defaults follow the paper (its ADNI scans were already bias-corrected and registered). The
+    optional steps are for raw multi-site scans: they make a structure's size in voxels and its
+    intensity comparable across scanners (the CPU demo uses them all).
 
     ``processor(item)`` takes a path (NIfTI, MGH/MGZ, M3D .npy, DICOM series directory), a
     numpy array or a tensor (3D, or 1 x D x H x W; voxel order taken as RAS) and returns a
-    ``1 x S x S x S`` tensor of ``dtype`` in [0, 1].
+    ``1 x S x S x S`` tensor of ``dtype`` in [0, 1] whose axes are (R, A, S) voxel order (with
+    ``template_deviation_scale``: the signed, scaled difference from the template). Anything that
+    cannot become such a tensor raises :class:`VolumeReadError` naming the file and the problem;
+    whether to skip or abort is the dataset's decision.
 
     Geometry: by default the longest side is resized to ``image_size`` (``voxel_spacing`` sets the
     physical aspect ratio) and centred in a zero cube. ``field_of_view_mm`` instead samples a

@@ -1,13 +1,5 @@
-"""On-disk cache of preprocessed (deterministic, eval-time) MRI volumes.
-
-An entry per (input content, processor settings): ``<key>.npy``, the array, and ``<key>.json``, the
-``DegenerateVolumeWarning`` warnings its build emitted (a hit emits them again), in an
-:class:`~lavis_medblip.storage.ArrayStore` (each file written whole, then renamed into place).
-The ``.json`` goes first, so a visible ``.npy`` always has its ``.json``. Any number of DataLoader
-workers, ``warm_cache`` processes and ranks may therefore share one cache directory: a reader sees
-no entry or a complete one, never a partial file under a final name, and concurrent writers of an
-entry write identical bytes. An entry without its ``.json`` (written by an older version) or with
-a damaged file is rebuilt.
+"""On-disk cache of preprocessed (deterministic, eval-time) MRI volumes, one entry per (input
+content, processor settings), which DataLoader workers, processes and ranks may share.
 """
 from __future__ import annotations
 
@@ -49,6 +41,14 @@ class VolumeCache:
     data is a float tensor in [0, 1]) runs only on a miss. On a miss the encoded array is returned,
     so a first and a second call decode to identical tensors; a hit emits the warnings of
     ``volume.notes`` again. ``hits``/``misses`` count lookups.
+
+    An entry is ``<key>.npy``, the array, and ``<key>.json``, the ``DegenerateVolumeWarning``
+    warnings its build emitted, in an :class:`~lavis_medblip.storage.ArrayStore` (each file written
+    whole, then renamed into place). The ``.json`` goes first, so a visible ``.npy`` always has its
+    ``.json``. Any number of DataLoader workers, ``warm_cache`` processes and ranks may therefore
+    share one cache directory: a reader sees no entry or a complete one, never a partial file under
+    a final name, and concurrent writers of an entry write identical bytes. An entry without its
+    ``.json`` (written by an older version) or with a damaged file is rebuilt.
     """
 
     def __init__(
@@ -81,6 +81,7 @@ class VolumeCache:
         return self.store.path(self.entry_key(source))
 
     def get_or_build(self, source: PathLike, build: Callable[[], Volume]) -> np.ndarray:
+        """The stored array of ``source`` (memory-mapped), or ``build()``'s, encoded and stored, on a miss."""
         key = self.entry_key(source)
         stored = self.store.load(key)
         notes = None if stored is None else self._load_notes(key)

@@ -1,9 +1,5 @@
 """What a volume is and what can go wrong with one: :class:`Volume`, the errors and warnings about
 volumes, the read limits (:class:`VolumeLimits`) and the interface every reader implements.
-
-Every reader checks what a file's header claims (shape x item size) against :class:`VolumeLimits`
-and against the file's size *before* allocating anything, so a 352-byte header claiming 1500^3
-float32 fails at once with a :class:`VolumeReadError` instead of allocating 13.5 GB.
 """
 from __future__ import annotations
 
@@ -106,6 +102,9 @@ class DegenerateVolumeNote:
 class VolumeLimits:
     """What a volume may be: checked on its header before reading, and on its shape after.
 
+    Every reader checks what a file's header claims (shape x item size) against these and against
+    the file's size *before* allocating anything (:func:`check_claim_fits_file`), so a 352-byte header
+    claiming 1500^3 float32 fails at once with a :class:`VolumeReadError` instead of allocating 13.5 GB.
     The volume processors take these from their YAML keys of the same names; the defaults live here only.
     """
 

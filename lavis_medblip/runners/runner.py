@@ -1,21 +1,6 @@
 """``medblip_runner``: LAVIS's ``RunnerBase`` with what breaks off-GPU fixed, and safer checkpoints.
-
-On a GPU it trains as LAVIS does (DDP on ``device_ids=[gpu]``, prefetching loaders, AMP). What
-differs, and why:
-
-- the ``model`` property also wraps when the model is already on the device (on CPU it was None);
-- DDP gets no ``device_ids`` on CPU, loaders no CUDA streams or pinned memory;
-- every epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches;
-- checkpoints hold the trained parameters only (trainable now, or loaded from an earlier stage's
-  checkpoint), are written atomically (temp file, then rename) and read with ``weights_only=True``, and ``checkpoint_latest.pth`` /
-  ``checkpoint_best.pth`` are kept; resume restores model, optimizer, scaler, epoch, best metric
-  and RNG states;
-- ``output_dir`` is absolute or relative to the working directory, never inside site-packages, and
-  each run gets a folder of its own (LAVIS's job folders are named to the 10 minutes);
-- barriers are guarded, so one process without a process group works;
-- ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
-  start random learn faster than pretrained ones); LAVIS's schedulers set one lr for every
-  parameter group, so the multipliers are applied after each scheduler step.
+On a GPU it trains as LAVIS does; what each override changes, and why, is in :class:`MedBLIPRunner`
+and in the README (LAVIS's own scripts and ``runner_base``).
 """
 from __future__ import annotations
 
@@ -130,6 +115,23 @@ class ScaledLRScheduler:
 
 @registry.register_runner("medblip_runner")
 class MedBLIPRunner(RunnerBase):
+    """LAVIS's runner (DDP on ``device_ids=[gpu]``, prefetching loaders, AMP on a GPU), except that:
+
+    - the ``model`` property also wraps when the model is already on the device (on CPU it was None);
+    - DDP gets no ``device_ids`` on CPU, loaders no CUDA streams or pinned memory;
+    - every epoch's data order depends only on (seed, epoch), so a resumed run sees the same batches;
+    - checkpoints hold the trained parameters only (trainable now, or loaded from an earlier stage's
+      checkpoint), are written atomically (temp file, then rename) and read with ``weights_only=True``;
+      ``checkpoint_latest.pth`` / ``checkpoint_best.pth`` are kept; resume restores model, optimizer,
+      scaler, epoch, best metric and RNG states;
+    - ``output_dir`` is absolute or relative to the working directory, never inside site-packages,
+      and each run gets a folder of its own (LAVIS's job folders are named to the 10 minutes);
+    - barriers are guarded, so one process without a process group works;
+    - ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
+      start random learn faster than pretrained ones), applied after each scheduler step, since
+      LAVIS's schedulers set one lr for every parameter group.
+    """
+
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str):
         self.best_agg_metric, self.best_epoch = float("-inf"), -1
         super().__init__(cfg, task, model, datasets, job_id)

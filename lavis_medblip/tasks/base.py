@@ -1,14 +1,5 @@
 """What every MedBLIP task shares: a training epoch that logs each loss term, an evaluation loop
 that runs on CPU as on GPU, and one count of what was skipped per split.
-
-Skips are counted once, per split, in the run log, the metrics JSON and the console:
-``num_skipped`` = ``num_skipped_annotations`` (lines dropped while reading the split's
-annotation files) + ``num_skipped_samples`` (scans that failed to load, this epoch);
-``num_degenerate`` counts scans kept with a warning (constant, mostly NaN, ...).
-
-LAVIS's own loop logs only the total loss, and its end-of-epoch sync and evaluation assume CUDA;
-these two loops are ours, and everything else (optimizer, schedulers, MetricLogger with ETA,
-result merging across ranks) is LAVIS's.
 """
 from __future__ import annotations
 
@@ -56,6 +47,13 @@ class StepLog:
 
 
 class MedBLIPTask(BaseTask):
+    """LAVIS's task with our :meth:`train_epoch` and :meth:`evaluation` loops.
+
+    LAVIS's own loop logs only the total loss, and its end-of-epoch sync and evaluation assume CUDA;
+    everything else (optimizer, schedulers, MetricLogger with ETA, result merging across ranks) is
+    LAVIS's. Skips are counted once per split (:meth:`skip_counts`).
+    """
+
     #: the loss terms the model's output holds, logged each step and averaged per epoch
     loss_terms: tuple[str, ...] = LOSS_TERMS
 
@@ -80,7 +78,13 @@ class MedBLIPTask(BaseTask):
         return datasets
 
     def skip_counts(self, splits: list[str], num_skipped_samples: int, num_degenerate: int) -> dict[str, int]:
-        """The counts of the module docstring for ``splits`` (the training splits, or one evaluated split)."""
+        """What was skipped in ``splits`` (the training splits, or one evaluated split).
+
+        Counted once, per split, in the run log, the metrics JSON and the console: ``num_skipped`` =
+        ``num_skipped_annotations`` (lines dropped while reading the split's annotation files) +
+        ``num_skipped_samples`` (scans that failed to load, this epoch); ``num_degenerate`` counts
+        scans kept with a warning (constant, mostly NaN, ...).
+        """
         annotations = sum(self.skipped_annotations.get(split, 0) for split in splits)
         return {"num_skipped": annotations + num_skipped_samples, "num_skipped_annotations": annotations,
                 "num_skipped_samples": num_skipped_samples, "num_degenerate": num_degenerate}

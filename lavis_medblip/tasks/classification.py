@@ -1,14 +1,5 @@
-"""``medblip_classification``: zero-shot (or fine-tuned) NC / MCI / AD diagnosis.
-
-Modes (``run.classification_mode``):
-
-- ``rank`` (default): the class whose answer the LM finds most likely (length-normalised), a
-  deterministic classifier;
-- ``generate``: the paper's free generation, matched to a class by name; an answer that names no
-  class (or several) goes to a separate "invalid" bucket. Ranking scores are still computed, for AUROC.
-
-Writes a per-sample results file (id, label, prediction, scores, generated text), the metrics as
-JSON and the confusion matrix as PNG, all under the run's ``result`` folder.
+"""``medblip_classification``: zero-shot (or fine-tuned) NC / MCI / AD diagnosis, by ranking the class
+answers or by free generation, with per-sample results, metrics and a confusion matrix.
 """
 from __future__ import annotations
 
@@ -30,6 +21,17 @@ MODES = ("rank", "generate")
 
 @registry.register_task("medblip_classification")
 class MedBLIPClassificationTask(MedBLIPTask):
+    """Diagnosis in one of two modes (``run.classification_mode``):
+
+    - ``rank`` (default): the class whose answer the LM finds most likely (length-normalised), a
+      deterministic classifier;
+    - ``generate``: the paper's free generation, matched to a class by name; an answer that names no
+      class (or several) goes to a separate "invalid" bucket. Ranking scores are still computed, for AUROC.
+
+    Writes a per-sample results file (id, label, prediction, scores, generated text), the metrics as
+    JSON and the confusion matrix as PNG, all under the run's ``result`` folder.
+    """
+
     def __init__(self, mode: str = "rank", max_new_tokens: int = 16, num_beams: int = 1):
         super().__init__()
         if mode not in MODES:

@@ -1,5 +1,4 @@
 """Classification metrics for diagnosis: plain numpy, checked against hand-computed cases in the tests.
-
 Predictions may include ``-1`` ("invalid": a generated answer that matched no class); it counts as
 wrong everywhere and has its own column in the confusion matrix.
 """

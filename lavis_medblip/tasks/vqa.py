@@ -1,24 +1,5 @@
-"""``medblip_vqa``: closed- and open-ended VQA on M3D-VQA (the paper's Table 3: M3D-VQA-AD, closed-ended).
-
-The dataset's ``mode`` (``m3d_vqa``: ``closed`` | ``open``) decides what is scored.
-
-Closed-ended, ``run.vqa_method``:
-
-- ``rank`` (default): each sample's choices ``"{letter}. {choice}"`` are ranked by the LM's
-  length-normalised log-likelihood (``predict_answers``); correct when the best is the answer's
-  letter. Deterministic, and always yields one of the choices.
-- ``letter``: M3D's own rule: greedy generation (``run.max_new_tokens``, M3D uses 256), correct when
-  ``answer_choice + "."`` occurs anywhere in the generated text (so a text listing every letter
-  counts as correct, exactly as in M3D's scorer).
-
-Accuracy overall and per question type (1 Plane … 5 Location); ``agg_metrics`` = accuracy.
-
-Open-ended: greedy generation scored with BLEU-1 and ROUGE-1 (``tasks/metrics.py``) per sample and
-averaged, overall and per type; ``correct`` is a normalised exact match; ``agg_metrics`` = ROUGE-1.
-
-Writes ``<split>_epoch<e>_predictions.json`` (id, question type, question, answer, prediction,
-correct, …; merged over ranks by LAVIS's ``save_result``) and ``<split>_epoch<e>_metrics.json``
-under the run's ``result`` folder.
+"""``medblip_vqa``: closed- and open-ended VQA on M3D-VQA (the paper's Table 3: M3D-VQA-AD,
+closed-ended), scored overall and per question type.
 """
 from __future__ import annotations
 
@@ -60,6 +41,27 @@ def per_type_summary(values: Sequence[float], question_types: Sequence[int]) -> 
 
 @registry.register_task("medblip_vqa")
 class MedBLIPVQATask(MedBLIPTask):
+    """VQA scored as the dataset's ``mode`` (``m3d_vqa``: ``closed`` | ``open``) says.
+
+    Closed-ended, ``run.vqa_method``:
+
+    - ``rank`` (default): each sample's choices ``"{letter}. {choice}"`` are ranked by the LM's
+      length-normalised log-likelihood (``predict_answers``); correct when the best is the answer's
+      letter. Deterministic, and always yields one of the choices.
+    - ``letter``: M3D's own rule: greedy generation (``run.max_new_tokens``, M3D uses 256), correct when
+      ``answer_choice + "."`` occurs anywhere in the generated text (so a text listing every letter
+      counts as correct, exactly as in M3D's scorer).
+
+    Accuracy overall and per question type (1 Plane … 5 Location); ``agg_metrics`` = accuracy.
+
+    Open-ended: greedy generation scored with BLEU-1 and ROUGE-1 (``tasks/metrics.py``) per sample and
+    averaged, overall and per type; ``correct`` is a normalised exact match; ``agg_metrics`` = ROUGE-1.
+
+    Writes ``<split>_epoch<e>_predictions.json`` (id, question type, question, answer, prediction,
+    correct, …; merged over ranks by LAVIS's ``save_result``) and ``<split>_epoch<e>_metrics.json``
+    under the run's ``result`` folder.
+    """
+
     def __init__(self, method: str = "rank", max_new_tokens: int = 256, num_beams: int = 1):
         super().__init__()
         if method not in METHODS:
