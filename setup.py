@@ -65,10 +65,10 @@ setup(
     cmdclass={"build_py": BuildPyWithStartupHook},
     entry_points={
         "console_scripts": [
-            "medblip-train=lavis_medblip.train:main",
-            "medblip-evaluate=lavis_medblip.evaluate:main",
-            "medblip-predict=lavis_medblip.predict:main",
-            "medblip-warm-cache=lavis_medblip.warm_cache:main",
+            "medblip-train=lavis_medblip.cli.train:main",
+            "medblip-evaluate=lavis_medblip.cli.evaluate:main",
+            "medblip-predict=lavis_medblip.cli.predict:main",
+            "medblip-warm-cache=lavis_medblip.cli.warm_cache:main",
         ]
     },
 )

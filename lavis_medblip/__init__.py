@@ -5,13 +5,13 @@ into ``lavis.common.registry`` (the same registry whether LAVIS was imported bef
 at once if LAVIS is already imported, otherwise the moment it is (see
 :mod:`lavis_medblip.registration`; installed, the package needs no import at all: see
 :mod:`lavis_medblip_autoregister`). Until then nothing heavy is imported, so
-:mod:`lavis_medblip.data` (annotation schema, EHR text, labels; what the cohort CLIs use) stays
+:mod:`lavis_medblip.annotations` (annotation schema, EHR text, labels; what the cohort CLIs use) stays
 free of LAVIS, torch and transformers. Importing never touches the network.
 """
 import importlib
 from types import ModuleType
 
-from lavis_medblip import assets, pretrained  # noqa: F401  (YAML resolvers ${medblip_asset:…}, ${medblip_pretrained:…})
+from lavis_medblip import assets, config_resolvers  # noqa: F401  (YAML resolvers ${medblip_asset:…}, ${medblip_pretrained:…})
 from lavis_medblip.registration import REGISTERING_SUBPACKAGES, register_with_lavis
 
 __version__ = "0.1.0"

@@ -1,15 +1,7 @@
-"""Evaluate: ``python -m lavis_medblip.evaluate --cfg-path projects/medblip/eval_zeroshot_aibl.yaml``."""
-from __future__ import annotations
+"""Evaluate MedBLIP: ``python -m lavis_medblip.evaluate``, the command of :mod:`lavis_medblip.cli.evaluate` under its usual name."""
+from lavis_medblip.cli.evaluate import main
 
-from typing import Sequence
-
-from lavis_medblip.launch import build_runner
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    runner, _ = build_runner(argv, description="Evaluate MedBLIP with LAVIS's runner")
-    return runner.evaluate(skip_reload=True)
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

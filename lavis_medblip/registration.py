@@ -2,9 +2,9 @@
 
 Registering puts the plugin's models, processors, dataset builders, tasks and runner into
 ``lavis.common.registry``. Importing LAVIS, though, takes ~5 s (torch, torchvision, transformers),
-and the cohort CLIs need only :mod:`lavis_medblip.data`. Python always runs
+and the cohort CLIs need only :mod:`lavis_medblip.annotations`. Python always runs
 ``lavis_medblip/__init__.py`` before any submodule, so the package cannot register eagerly and
-still let ``lavis_medblip.data`` be imported cheaply. Instead :func:`register_with_lavis` (called by
+still let ``lavis_medblip.annotations`` be imported cheaply. Instead :func:`register_with_lavis` (called by
 ``lavis_medblip/__init__.py``)
 
 * registers at once when LAVIS is already imported (what ``import lavis_medblip`` always did);
@@ -31,7 +31,7 @@ from typing import Any, Mapping
 import lavis_medblip_autoregister
 
 #: Importing these registers everything (in this order, as ``lavis_medblip/__init__.py`` always did).
-REGISTERING_SUBPACKAGES = ("datasets", "models", "processors", "runners", "tasks")
+REGISTERING_SUBPACKAGES = ("datasets", "models", "processors", "runners", "tasks", "caption")
 
 
 def cache_root_of(run_cfg: Mapping[str, Any]) -> str:

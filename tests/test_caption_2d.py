@@ -14,13 +14,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from lavis_medblip.assets import ICBM_T1
-from lavis_medblip.caption_attention import CAPTION_PX, figure_layout
-from lavis_medblip.caption_attention import main as caption_attention_main
-from lavis_medblip.datasets.captions import MedicalCaptionBuilder, ROCOBuilder
-from lavis_medblip.models.caption_2d import MedBLIPCaption
+from lavis_medblip.caption import task as captioning
+from lavis_medblip.caption.datasets import MedicalCaptionBuilder, ROCOBuilder
+from lavis_medblip.caption.model import MedBLIPCaption
+from lavis_medblip.caption.task import caption_metrics, tokenize_caption
+from lavis_medblip.cli.caption_attention import CAPTION_PX, figure_layout
+from lavis_medblip.cli.caption_attention import main as caption_attention_main
 from lavis_medblip.processors.volume_types import VolumeReadError
-from lavis_medblip.tasks import captioning
-from lavis_medblip.tasks.captioning import caption_metrics, tokenize_caption
 from test_train_evaluate_launchers import launch, only_job_dir, run_config
 
 TINY_IMAGES = {"vis_processor": {"train": {"name": "blip_image_eval", "image_size": 64},  # no random crop: a stable loss

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from lavis_medblip import demo
+from lavis_medblip.cli import demo
 
 
 def test_shuffled_test_set_keeps_text_and_labels_and_permutes_images(tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ def test_a_program_that_imports_only_lavis_finds_every_model_builder_processor_t
     found = json.loads(registered)
 
     assert found == plugin_classes_registered_here()
-    assert {"medblip=lavis_medblip.models.medblip", "medblip_caption=lavis_medblip.models.caption_2d"} <= set(
+    assert {"medblip=lavis_medblip.models.medblip", "medblip_caption=lavis_medblip.caption.model"} <= set(
         found["model_name_mapping"])
     assert "medblip_runner=lavis_medblip.runners.runner" in found["runner_name_mapping"]
     assert {"adni", "brain_mri", "m3d_vqa", "roco"} <= {entry.split("=")[0] for entry in found["builder_name_mapping"]}

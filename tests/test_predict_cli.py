@@ -14,11 +14,11 @@ import pytest
 from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
-from lavis_medblip.assets import ICBM_T1
 from lavis_medblip.annotations.schema import CLASS_ANSWERS
+from lavis_medblip.assets import ICBM_T1
+from lavis_medblip.cli.predict import main
 from lavis_medblip.inference import find_scans
 from lavis_medblip.models import MedBLIP
-from lavis_medblip.predict import main
 
 EHR = "A 75-year-old female with 12 years of education. MMSE 24, CDR 0.5."
 

@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 import lavis_medblip
 from cohort_fixtures import write_small_cohort
 from lavis_medblip.assets import ICBM_T1
+from lavis_medblip.cli.predict import main as predict
 from lavis_medblip.models import MedBLIP
 from lavis_medblip.models.weights import CheckpointError
-from lavis_medblip.predict import main as predict
 from lavis_medblip.runners.runner import make_unique_dir
 from test_train_evaluate_launchers import dataset_config, launch, only_job_dir, run_config
 

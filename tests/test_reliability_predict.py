@@ -16,8 +16,8 @@ import pytest
 from test_predict_cli import checkpoint, cli, read_rows  # noqa: F401  (checkpoint is a fixture)
 
 from lavis_medblip.annotations.schema import CLASS_ANSWERS
+from lavis_medblip.cli.predict import main
 from lavis_medblip.inference import Predictor, cases_from_csv, search_scans
-from lavis_medblip.predict import main
 
 PREVIOUS_RESULTS = "id,image,prediction\nearlier-run,scan.nii.gz,AD\n"
 

@@ -280,7 +280,7 @@ def fill_caches(volume_cache_dir: Path, feature_cache_dir: Path, scans: list[Pat
     Returns how many entries of each cache this process built.
     """
     from lavis_medblip.models.feature_cache import VisionFeatureCache
-    from lavis_medblip.warm_cache import warm_cache
+    from lavis_medblip.cli.warm_cache import warm_cache
 
     processor = MriVolumeEvalProcessor(image_size=CONCURRENT_SIZE, cache_dir=volume_cache_dir)
     datasets = {"cohort": {"train": SimpleNamespace(vis_processor=processor, records=[(None, scan) for scan in scans])}}

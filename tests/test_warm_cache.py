@@ -6,8 +6,8 @@ from pathlib import Path
 import yaml
 
 from cohort_fixtures import write_small_cohort
+from lavis_medblip.cli.warm_cache import main as warm_cache_main
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor
-from lavis_medblip.warm_cache import main as warm_cache_main
 
 
 def test_warm_cache_preprocesses_every_split_once_and_names_unreadable_scans(tmp_path, capsys, caplog):

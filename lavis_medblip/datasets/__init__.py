@@ -1,15 +1,14 @@
 """Registered dataset builders.
 
 3D brain MRI in the annotation schema: ``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``;
-M3D-VQA: ``m3d_vqa``; 2D captioning: ``roco``, ``medical_caption``.
+M3D-VQA: ``m3d_vqa``. The 2D captioning builders are :mod:`lavis_medblip.caption`'s.
 """
 import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
 from lavis_medblip.datasets.builders import (
     ADNIBuilder, AIBLBuilder, BrainMRIBuilder, MIRIADBuilder, NACCBuilder, OASISBuilder,
 )
-from lavis_medblip.datasets.captions import MedicalCaptionBuilder, ROCOBuilder
 from lavis_medblip.datasets.m3d_vqa import M3DVQABuilder, M3DVQADataset
 from lavis_medblip.datasets.mri_dataset import MRIAnnotationDataset
 
 __all__ = ["ADNIBuilder", "AIBLBuilder", "BrainMRIBuilder", "M3DVQABuilder", "M3DVQADataset", "MIRIADBuilder",
-           "MRIAnnotationDataset", "MedicalCaptionBuilder", "NACCBuilder", "OASISBuilder", "ROCOBuilder"]
+           "MRIAnnotationDataset", "NACCBuilder", "OASISBuilder"]

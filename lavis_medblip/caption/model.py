@@ -38,10 +38,10 @@ from lavis.models.med import BertConfig, XBertLMHeadDecoder
 from lavis.models.vit import VisionTransformerEncoder, interpolate_pos_embed
 
 from lavis_medblip.assets import BERT_UNCASED_VOCAB_DIR
+from lavis_medblip.models.config import CONFIG_DIR
 from lavis_medblip.models.weights import check_fits, read_checkpoint, read_state_dict, state_dict_of
 
 logger = logging.getLogger(__name__)
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 FINETUNE_MODES = ("full", "decoder_only", "encoder_only")
 # which top-level module each mode freezes
 FROZEN_MODULES = {"full": (), "decoder_only": ("visual_encoder",), "encoder_only": ("text_decoder",)}

@@ -19,7 +19,6 @@ import logging
 import os
 from pathlib import Path
 
-from lavis_medblip.config_resolvers import register_resolver
 
 ROOT_ENV = "MEDBLIP_PRETRAINED_DIR"
 #: Short names for the folders below the root.
@@ -35,7 +34,7 @@ def pretrained_root() -> Path:
     """``$MEDBLIP_PRETRAINED_DIR``, else the checkout's ``.cache/pretrained``."""
     if os.environ.get(ROOT_ENV):
         return Path(os.environ[ROOT_ENV]).expanduser().resolve()
-    return Path(__file__).resolve().parent.parent / ".cache" / "pretrained"
+    return Path(__file__).resolve().parents[2] / ".cache" / "pretrained"  # the checkout's
 
 
 def local_model_path(name: str) -> Path:
@@ -49,13 +48,6 @@ def local_model_path(name: str) -> Path:
             f"(or set {ROOT_ENV} to a folder that holds {LOCAL_MODELS[name]})."
         )
     return path
-
-
-def _resolve(name: str) -> str:
-    return str(local_model_path(name))
-
-
-register_resolver("medblip_pretrained", _resolve)
 
 
 def convert_smollm2(root: Path) -> Path:

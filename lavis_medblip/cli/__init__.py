@@ -1,0 +1,1 @@
+"""The command lines: ``python -m lavis_medblip.<name>`` (or ``lavis.train`` / ``lavis.evaluate``) runs ``cli/<name>.py``."""
