@@ -125,7 +125,7 @@ def test_registered_builder_reads_splits_relative_to_the_data_root(m3d):
     config = OmegaConf.load(registry.get_builder_class("m3d_vqa").default_config_path()).datasets.m3d_vqa
     config.build_info.annotations.test.storage = str(m3d / "M3D_VQA_test.csv")
     config.build_info.images.storage = str(m3d / "data")
-    config.vis_processor.eval.image_size = 32
+    config.vis_processor = {"eval": {"image_size": 32}}  # a builder on its own: the processors' defaults + this
     config.on_error = "skip"
     datasets = registry.get_builder_class("m3d_vqa")(config).build_datasets()
     assert list(datasets) == ["test"] and len(datasets["test"]) == 6 and datasets["test"].mode == "closed"

@@ -56,3 +56,17 @@ def test_skipped_lines_and_scans_and_degenerate_scans_are_counted_per_split(tmp_
     assert (metrics["num_skipped"], metrics["num_skipped_annotations"], metrics["num_skipped_samples"]) == (2, 2, 0)
     assert metrics["num_degenerate"] == 1
     assert "constant volume" in result.stderr
+
+
+def test_an_epoch_whose_every_scan_is_unreadable_is_counted_not_a_crash(tmp_path):
+    annotations = write_small_cohort(tmp_path / "cohort", {"train": 2, "test": 3})
+    for scan in (tmp_path / "cohort" / "scans").glob("sub-00[01].nii.gz"):  # the two training scans
+        scan.write_bytes(b"\x1f\x8b not a scan")
+    config = {"model": {"arch": "medblip", "model_type": "tiny"},
+              "datasets": dataset_config(annotations, ["train", "test"], on_error="skip"),
+              "run": run_config(tmp_path / "output", "medblip_classification", max_epoch=1, train_splits=["train"],
+                                test_splits=["test"])}
+    launch("lavis_medblip.train", config, tmp_path / "run.yaml")
+    (train_log,) = [json.loads(line) for line in (only_job_dir(tmp_path / "output") / "log.txt").read_text().splitlines()
+                    if line.startswith('{"train')]
+    assert (train_log["train_num_skipped"], train_log["train_num_steps"]) == (2, 0)

@@ -31,8 +31,10 @@ def processor_config(dataset_config: DictConfig, kind: str, split: str) -> DictC
     the demo's harmonisation); a dataset block adds to it (e.g. ``cache_dir``). A dataset block that
     sets another ``image_size`` than the model's is an error: the 3D stem takes that size only.
     """
-    configuration = registry.get("configuration", no_warning=True)  # LAVIS's Config of this run
+    configuration = registry.get("configuration", no_warning=True)  # LAVIS's latest Config ...
     config = configuration.config if configuration is not None else OmegaConf.create({})
+    if not any(node is dataset_config for node in (config.get("datasets") or {}).values()):
+        config = OmegaConf.create({})  # ... but this dataset is not part of it: a builder used on its own
     preprocess = config.get("preprocess") or OmegaConf.create(STANDALONE_PREPROCESS)
     model_block = OmegaConf.select(preprocess, f"{kind}.{split}") or {}
     own_block = OmegaConf.select(dataset_config, f"{kind}.{split}") or {}
@@ -57,8 +59,8 @@ class AnnotationBuilder(BaseDatasetBuilder):
     A builder is LAVIS's three attributes plus a defaults YAML (``configs/datasets/<name>.yaml``):
     annotation files per split, an optional image root, the classes, and ``on_error``. A project
     YAML drops a default split with ``<split>: null``; ``brain_mri`` has no default splits. Relative
-    storage paths resolve against LAVIS's ``cache_root`` (our launchers set it to the working
-    directory); absolute paths are used as they are. The processors are the model's (its
+    storage paths resolve against LAVIS's ``cache_root`` (``run.cache_root``, else the working
+    directory, whichever script starts the run: :class:`lavis_medblip.registration.RunCacheRoot`); absolute paths are used as they are. The processors are the model's (its
     ``preprocess`` section, see :func:`processor_config`).
 
     Subclasses name their dataset classes and add their own constructor keywords in

@@ -112,8 +112,6 @@ class MedBLIPTask(BaseTask):
         data_iter = data_loader if hasattr(data_loader, "__next__") else iter(data_loader)
         metric_logger = MetricLogger(delimiter="  ")
         metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-        for term in self.loss_terms:
-            metric_logger.add_meter(term, SmoothedValue(window_size=1, fmt="{value:.4f}"))
         trainable = [p for p in model.parameters() if p.requires_grad]
         device = trainable[0].device
         totals = dict.fromkeys(self.loss_terms, 0.0)
@@ -146,6 +144,9 @@ class MedBLIPTask(BaseTask):
             metric_logger.update(lr=optimizer.param_groups[0]["lr"])
             if output is not None:
                 values = {term: output[term].detach().item() for term in self.loss_terms if output.get(term) is not None}
+                for term in values:  # added on first use: an empty meter cannot be printed (all samples skipped)
+                    if term not in metric_logger.meters:
+                        metric_logger.add_meter(term, SmoothedValue(window_size=1, fmt="{value:.4f}"))
                 metric_logger.update(**values)
                 for term, value in values.items():
                     totals[term] += value
