@@ -26,14 +26,8 @@ from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import LanguageModel
 from lavis_medblip.models.qformer import build_qformer, is_qformer_addition
 from lavis_medblip.models.vision_3d import build_vision_encoder, freeze_vit_blocks
-from lavis_medblip.models.weights import (
-    check_fits,
-    read_checkpoint,
-    read_state_dict,
-    model_name,
-    save_checkpoint_file,
-    state_dict_of,
-)
+from lavis_medblip.models.weights import check_fits, model_name, read_checkpoint, read_state_dict, state_dict_of
+from lavis_medblip.storage import atomic_save
 
 logger = logging.getLogger(__name__)
 
@@ -349,7 +343,7 @@ class MedBLIP(Blip2Base):
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """:meth:`checkpoint_state_dict` plus the model config, written atomically; loads on top of the frozen backbones."""
-        save_checkpoint_file({"model": self.checkpoint_state_dict(), "config": self.config.to_dict()}, path)
+        atomic_save({"model": self.checkpoint_state_dict(), "config": self.config.to_dict()}, path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load a checkpoint of trainable parameters (ours, or a LAVIS runner's).

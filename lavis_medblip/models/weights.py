@@ -16,8 +16,6 @@ from huggingface_hub.errors import HFValidationError
 from lavis.common.dist_utils import download_cached_file
 from lavis.common.utils import is_url
 
-from lavis_medblip.storage import atomic_save as save_checkpoint_file  # noqa: F401  (models/medblip.py's name)
-
 #: Checkpoints written before 2026-12-04 kept numpy's RNG state as a uint32 array; these rebuild
 #: such an array from its bytes and run no other code.
 NUMPY_ARRAY_GLOBALS = (np.core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
