@@ -28,7 +28,6 @@ from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
 import lavis_medblip  # noqa: F401  (registers models, processors, builders, tasks, runners)
-from lavis_medblip.registration import cache_root_of
 
 
 def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
@@ -56,15 +55,6 @@ def init_distributed_mode(run_cfg) -> None:
                             world_size=run_cfg.world_size, rank=run_cfg.rank, timeout=datetime.timedelta(hours=2))
     dist.barrier()
     setup_for_distributed(run_cfg.rank == 0)
-
-
-def register_cache_root(run_cfg) -> None:
-    """Pin LAVIS's ``cache_root`` to ``run_cfg``'s (:func:`cache_root_of`).
-
-    Runs set up through LAVIS's ``Config`` need not call this (it registers itself, and
-    :class:`~lavis_medblip.registration.RunCacheRoot` follows it); a pinned root stays for the process.
-    """
-    registry.mapping["paths"]["cache_root"] = cache_root_of(run_cfg)
 
 
 def setup_seeds(config: Config) -> None:

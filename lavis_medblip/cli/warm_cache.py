@@ -80,8 +80,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lavis.common.logger import setup_logger
     import lavis.tasks as tasks
 
-    from lavis_medblip.cli.launch import register_cache_root  # also registers builders and processors
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cfg-path", required=True, help="a project YAML, e.g. projects/medblip/demo_pretrain.yaml")
     parser.add_argument("--options", nargs="+", help="override settings as key=value, as for lavis_medblip.train")
@@ -89,7 +87,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logger()
     cfg = Config(argparse.Namespace(cfg_path=args.cfg_path, options=args.options))
-    register_cache_root(cfg.run_cfg)
     datasets = tasks.setup_task(cfg).build_datasets(cfg)
     torch.set_num_threads(1)  # the workers do the work
     result = warm_cache(datasets, workers=args.workers)
