@@ -22,6 +22,8 @@ BASE_CONFIG_FILE = CONFIG_DIR / "medblip_base.yaml"
 MODEL_TYPES = ("biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora", "tiny", "demo")
 
 PROMPT_SEGMENTS = ("image", "text", "question")
+#: The segments of a text-only prompt: the LM alone, with no visual prefix (the paper's Table 2 "Text only").
+TEXT_ONLY_SEGMENTS = ("text", "question")
 VIT_PRECISIONS = ("fp16", "fp32")
 LM_DTYPES = ("float32", "float16", "bfloat16")
 #: Architectures of the 2D encoders the 3D stem can feed, by LAVIS's ``vit_model`` name.
@@ -60,6 +62,9 @@ class VisionConfig:
     patch_size: int = field(default=32, metadata={"help": "edge of a 3D patch in voxels (the paper: 32 on 224³)"})
     patch_stride: int | None = field(default=None, metadata={
         "help": "step between 3D patches in voxels; null: the patch size (non-overlapping patches)"})
+    train_cls_token: bool = field(default=False, metadata={
+        "help": "train the ViT's CLS token with the 3D stem while the blocks are frozen; false: the paper's "
+                "(§3.3 trains only the patch projection and position embedding). With freeze_vit: false it trains"})
 
     def __post_init__(self) -> None:
         if self.model not in VIT_PRESETS:
@@ -144,16 +149,26 @@ class LanguageModelConfig:
 
 @dataclass
 class LossConfig:
-    """The pretraining loss ``loss_itc_text + loss_itc_qa + lambda_lm * loss_lm`` (paper eq. 4–5)."""
+    """The pretraining loss ``λ_T·loss_itc_text + λ_QA·loss_itc_qa + λ_LG·loss_lm`` (paper eq. 4–5: λ_T = λ_QA = 1).
+
+    A weight of 0 drops its term: it is neither computed nor logged (the paper's Table 6 ablation).
+    """
 
     KEY: ClassVar[str] = "model.loss"
 
     lambda_lm: float = field(default=1.0, metadata={
         "help": "weight of the LM loss (λ_LG); 0 is an LM-free Q-Former stage that skips the LM"})
+    lambda_itc_text: float = field(default=1.0, metadata={
+        "help": "weight of ITC(image, EHR text); 0 drops the term (Table 6)"})
+    lambda_itc_qa: float = field(default=1.0, metadata={
+        "help": "weight of ITC(image, question + answer); 0 drops the term (Table 6)"})
 
     def __post_init__(self) -> None:
-        if self.lambda_lm < 0:
-            raise ValueError(f"{self.KEY}.lambda_lm must not be negative (got {self.lambda_lm})")
+        for name in ("lambda_lm", "lambda_itc_text", "lambda_itc_qa"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{self.KEY}.{name} must not be negative (got {getattr(self, name)})")
+        if self.lambda_lm == self.lambda_itc_text == self.lambda_itc_qa == 0:
+            raise ValueError(f"{self.KEY}: every loss weight is 0, nothing would train")
 
 
 @dataclass
@@ -199,7 +214,9 @@ class MedBLIPConfig:
         "help": "folder caching the frozen vision encoder's tokens per volume; needs freeze_vision_stem"})
     # The prompt (paper eq. 2)
     prompt_order: list[str] = field(default_factory=lambda: list(PROMPT_SEGMENTS), metadata={
-        "help": f"order of the prompt's segments, a permutation of {list(PROMPT_SEGMENTS)}"})
+        "help": f"order of the prompt's segments, a permutation of {list(PROMPT_SEGMENTS)}; without "
+                f"'image' ({list(TEXT_ONLY_SEGMENTS)} in some order) the LM reads the text alone, with no visual "
+                f"prefix (Table 2's text-only baseline)"})
     question: str = field(default=DIAGNOSIS_QUESTION, metadata={"help": "the question asked when a sample has none"})
     max_prompt_len: int = field(default=256, metadata={"help": "LM token limit of the EHR text and of the question"})
     max_answer_len: int = field(default=32, metadata={"help": "LM token limit of an answer"})
@@ -214,8 +231,11 @@ class MedBLIPConfig:
         # section's defaults, running its checks, before merging the values that replace them)
         self.vision.patch_stride = self.vision.patch_stride or self.vision.patch_size
         self.finetuned = self.finetuned or None  # LAVIS's YAMLs write "" for none
-        if sorted(self.prompt_order) != sorted(PROMPT_SEGMENTS):
-            raise ValueError(f"model.prompt_order must order {list(PROMPT_SEGMENTS)} (got {list(self.prompt_order)})")
+        if sorted(self.prompt_order) not in (sorted(PROMPT_SEGMENTS), sorted(TEXT_ONLY_SEGMENTS)):
+            raise ValueError(f"model.prompt_order must order {list(PROMPT_SEGMENTS)}, or {list(TEXT_ONLY_SEGMENTS)} "
+                             f"for the text-only LM (got {list(self.prompt_order)})")
+        if not self.uses_image and self.loss.lambda_lm == 0:
+            raise ValueError("model.prompt_order without 'image' is the LM alone: it needs model.loss.lambda_lm > 0")
         _check_positive(self.KEY, image_size=self.image_size, max_prompt_len=self.max_prompt_len,
                         max_answer_len=self.max_answer_len)
         if self.vision.patch_size > self.image_size:
@@ -230,6 +250,11 @@ class MedBLIPConfig:
                 f"false: cached ViT outputs would go stale as the 3D stem trains. Set freeze_vision_stem: true "
                 f"(e.g. a second stage training only the Q-Former and LoRA) or vision_feature_cache: null."
             )
+
+    @property
+    def uses_image(self) -> bool:
+        """False for the text-only LM: no vision path, no Q-Former, no ITC."""
+        return "image" in self.prompt_order
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "MedBLIPConfig":

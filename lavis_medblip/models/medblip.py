@@ -38,7 +38,7 @@ BLIP2_QFORMER_PREFIXES = ("Qformer.", "query_tokens", "vision_proj.", "text_proj
 
 @dataclass
 class MedBLIPOutput(ModelOutput):
-    """``loss = loss_itc_text + loss_itc_qa + lambda_lm * loss_lm`` (paper eq. 4–5); ``lambda_lm = 0`` skips the LM."""
+    """``loss`` = the weighted sum of the terms (paper eq. 4–5); a term whose weight is 0 is ``None``."""
 
     loss: torch.Tensor | None = None
     loss_itc_text: torch.Tensor | None = None
@@ -97,7 +97,7 @@ class MedBLIP(Blip2Base):
         super().__init__()
         self.config = config
         self.visual_encoder = vision_encoder
-        freeze_vit_blocks(vision_encoder, config.freeze_vit)
+        freeze_vit_blocks(vision_encoder, config.freeze_vit, config.vision.train_cls_token)
         if config.freeze_vit:  # frozen blocks stay in eval mode, as in BLIP-2
             self.visual_encoder.train = disabled_train.__get__(self.visual_encoder)
         if config.freeze_vision_stem:  # the whole vision path (stem, CLS token, ViT blocks) is frozen
@@ -228,6 +228,13 @@ class MedBLIP(Blip2Base):
         query_output = self.encode_queries(self.encode_image(image))
         return query_output, self.llm_proj(query_output)
 
+    def no_visual_prefix(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """An empty prefix (B, 0, LM width): the text-only LM's prompt holds no image tokens."""
+        return torch.zeros(batch_size, 0, self.language_model.hidden_size, device=device)
+
+    def _lm_prefix(self, image: torch.Tensor) -> torch.Tensor:
+        return self.visual_prefix(image)[1] if self.config.uses_image else self.no_visual_prefix(image.shape[0], image.device)
+
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, samples: Mapping[str, Any]) -> MedBLIPOutput:
         """The training losses of one batch.
@@ -247,24 +254,33 @@ class MedBLIP(Blip2Base):
                              f"text_output {len(answers)}")
         questions = self._questions(samples, batch_size)
 
-        with torch.no_grad():
-            self.temp.clamp_(0.001, 0.5)
-        query_output, prefix = self.visual_prefix(image)
-        image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
-        loss_itc_text = self.itc_loss(image_feats, self.encode_text(ehr_texts))
-        qa_texts = [f"{question} {answer}" for question, answer in zip(questions, answers)]
-        loss_itc_qa = self.itc_loss(image_feats, self.encode_text(qa_texts))
-
-        if self.lambda_lm == 0:  # an LM-free Q-Former stage (as BLIP-2's first): skip the costly LM forward
-            loss_lm = prefix.new_zeros(())
-        else:
+        loss_cfg = self.config.loss
+        terms: dict[str, torch.Tensor] = {}
+        if self.config.uses_image:
+            # 1. the image through the vision path and the Q-Former's queries
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+            query_output, prefix = self.visual_prefix(image)
+            image_feats = F.normalize(self.vision_proj(query_output), dim=-1)
+            # 2. ITC(image, EHR text) and ITC(image, question + answer); a weight of 0 drops its term
+            if loss_cfg.lambda_itc_text > 0:
+                terms["loss_itc_text"] = self.itc_loss(image_feats, self.encode_text(ehr_texts))
+            if loss_cfg.lambda_itc_qa > 0:
+                qa_texts = [f"{question} {answer}" for question, answer in zip(questions, answers)]
+                terms["loss_itc_qa"] = self.itc_loss(image_feats, self.encode_text(qa_texts))
+        else:  # the text-only LM (prompt_order without "image"): no visual prefix
+            prefix = self.no_visual_prefix(batch_size, image.device)
+        # 3. the LM on [visual prefix, EHR text, question] → answer; an LM-free stage skips its costly forward
+        if loss_cfg.lambda_lm > 0:
             batch = self.language_model.build_batch(
                 prefix, self._prompt_ids(ehr_texts, questions), self.prompt_order, self._answer_ids(answers)
             )
             with self.maybe_autocast():
-                loss_lm = self.language_model.loss(batch)
-        loss = loss_itc_text + loss_itc_qa + self.lambda_lm * loss_lm
-        return MedBLIPOutput(loss=loss, loss_itc_text=loss_itc_text, loss_itc_qa=loss_itc_qa, loss_lm=loss_lm)
+                terms["loss_lm"] = self.language_model.loss(batch)
+        weights = {"loss_itc_text": loss_cfg.lambda_itc_text, "loss_itc_qa": loss_cfg.lambda_itc_qa,
+                   "loss_lm": loss_cfg.lambda_lm}
+        loss = sum(weights[name] * value for name, value in terms.items())
+        return MedBLIPOutput(loss=loss, **terms)
 
     # ---- inference --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -285,7 +301,7 @@ class MedBLIP(Blip2Base):
         """
         image = samples["image"]
         questions = self._questions(samples, image.shape[0])
-        _, prefix = self.visual_prefix(image)
+        prefix = self._lm_prefix(image)
         batch = self.language_model.build_batch(
             prefix, self._prompt_ids(samples["text_input"], questions), self.prompt_order, left_pad=True
         )
@@ -314,7 +330,7 @@ class MedBLIP(Blip2Base):
         if any(len(options) != num_candidates for options in per_sample) or len(per_sample) != batch_size:
             raise ValueError("predict_answers needs the same number of candidates for every sample")
         questions = self._questions(samples, batch_size)
-        _, prefix = self.visual_prefix(image)
+        prefix = self._lm_prefix(image)
 
         repeat = lambda values: [value for value in values for _ in range(num_candidates)]  # noqa: E731
         flat_candidates = [option for options in per_sample for option in options]

@@ -122,11 +122,14 @@ def load_vit_weights(vit: VisionTransformer, url_or_path: str) -> None:
     logger.info("Loaded ViT weights from %s; not loaded on purpose (replaced by the 3D stem): %s", url_or_path, skipped)
 
 
-def freeze_vit_blocks(vit: VisionTransformer, freeze: bool) -> None:
-    """Freeze everything but the 3D stem (patch embedding, position embedding, CLS token), or train it all.
+def freeze_vit_blocks(vit: VisionTransformer, freeze: bool, train_cls_token: bool = False) -> None:
+    """Freeze everything but the 3D stem (patch embedding, position embedding), or train it all.
 
-    ``freeze=False`` (``model.freeze_vit: false``) trains the blocks too; it is meant for encoders
-    without pretrained weights, such as the CPU demo's.
+    ``train_cls_token`` (``model.vision.train_cls_token``) keeps the CLS token trainable with the stem;
+    the paper trains only the patch projection and the position embedding (§3.3). ``freeze=False``
+    (``model.freeze_vit: false``) trains the blocks and the CLS token too; it is meant for encoders
+    without pretrained weights, such as the CPU demo's, and for Table 4's trainable ViT.
     """
+    stem = ("patch_embed.", "pos_embed", "cls_token") if train_cls_token else ("patch_embed.", "pos_embed")
     for name, parameter in vit.named_parameters():
-        parameter.requires_grad = not freeze or name.startswith(("patch_embed.", "pos_embed", "cls_token"))
+        parameter.requires_grad = not freeze or name.startswith(stem)

@@ -22,14 +22,17 @@ class MedBLIPPretrainTask(MedBLIPTask):
     def valid_step(self, model: torch.nn.Module, samples: dict[str, Any]) -> list[dict]:
         output = model(samples)
         count = len(samples["text_input"])
-        return [{"count": count, **{term: float(output[term]) * count for term in LOSS_TERMS}}]
+        # a term switched off (weight 0) is not reported
+        return [{"count": count, **{term: float(output[term]) * count for term in LOSS_TERMS
+                                    if output.get(term) is not None}}]
 
     def after_evaluation(self, val_result: list[dict], split_name: str, epoch: Any, **kwargs: Any) -> dict | None:
         merged, _ = self.gather_results(val_result, split_name, epoch, name="losses", unique_key="")
         if merged is None:
             return None
         count = sum(row["count"] for row in merged)
-        metrics = {term: sum(row[term] for row in merged) / max(count, 1) for term in LOSS_TERMS}
+        metrics = {term: sum(row[term] for row in merged) / max(count, 1) for term in LOSS_TERMS
+                   if all(term in row for row in merged)}
         metrics.update(agg_metrics=-metrics["loss"], num_samples=count, **self.eval_skip_counts(split_name))
         with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as handle:
             handle.write(json.dumps({split_name: metrics}) + "\n")
