@@ -21,15 +21,21 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 def base_parser(cohort: str, *, description: str, date_tolerance_days: float = 90, all_test: bool = False,
                 val_fraction: float = 0.1, test_fraction: float = 0.2, table_required: bool = True,
-                scan_glob: str = "**/*") -> argparse.ArgumentParser:
-    """The options every cohort CLI shares (defaults differ per cohort)."""
+                scan_glob: str = "**/*", raw_download: bool = True,
+                all_scans_per_visit: bool = False) -> argparse.ArgumentParser:
+    """The options every cohort CLI shares (defaults differ per cohort).
+
+    ``raw_download=False`` leaves out ``--table``/``--scans``/``--scan-glob`` for a builder that finds
+    tables and scans itself (BIDS).
+    """
     parser = argparse.ArgumentParser(prog=f"python -m dataset_builders.{cohort}", description=description,
                                      formatter_class=_HelpFormatter)
-    parser.add_argument("--table", type=Path, required=table_required, help="the cohort's table (layout above)")
-    parser.add_argument("--scans", type=Path, required=True, help="folder searched recursively for scans")
+    if raw_download:
+        parser.add_argument("--table", type=Path, required=table_required, help="the cohort's table (layout above)")
+        parser.add_argument("--scans", type=Path, required=True, help="folder searched recursively for scans")
+        parser.add_argument("--scan-glob", default=scan_glob,
+                            help="glob under --scans selecting scan files (e.g. '**/RAW/*mpr-1*.img')")
     parser.add_argument("--out", type=Path, required=True, help="folder for {train,val,test}.jsonl + report.json")
-    parser.add_argument("--scan-glob", default=scan_glob,
-                        help="glob under --scans selecting scan files (e.g. '**/RAW/*mpr-1*.img')")
     parser.add_argument("--test-per-class", type=int, default=None,
                         help="balanced test set: this many visits per class from distinct subjects (paper: 200)")
     parser.add_argument("--test-fraction", type=float, default=test_fraction,
@@ -41,8 +47,8 @@ def base_parser(cohort: str, *, description: str, date_tolerance_days: float = 9
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--date-tolerance-days", type=float, default=date_tolerance_days,
                         help="a scan matches the nearest visit of its subject within this many days")
-    parser.add_argument("--all-scans-per-visit", action="store_true",
-                        help="keep every scan of a visit (default: the first path; the rest are reported)")
+    parser.add_argument("--all-scans-per-visit", action=argparse.BooleanOptionalAction, default=all_scans_per_visit,
+                        help="keep every scan of a visit (otherwise the first path; the rest are reported)")
     parser.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                         help="malformed rows / unknown labels: count, list in report.json and skip, or stop")
     return parser

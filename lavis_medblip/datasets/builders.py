@@ -1,5 +1,5 @@
 """Registered LAVIS dataset builders for brain-MRI cohorts in the project's annotation schema
-(``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``); nothing is ever downloaded.
+(``brain_mri``, ``adni``, ``nacc``, ``oasis``, ``aibl``, ``miriad``, ``bids``); nothing is ever downloaded.
 """
 from __future__ import annotations
 
@@ -140,3 +140,23 @@ class AIBLBuilder(BrainMRIBuilder):
 @registry.register_builder("miriad")
 class MIRIADBuilder(BrainMRIBuilder):
     DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "miriad.yaml")}
+
+
+@registry.register_builder("bids")
+class BIDSBuilder(BrainMRIBuilder):
+    """A folder written by ``python -m dataset_builders.bids``: ``build_info.dir`` + ``build_info.splits``.
+
+    Each split reads ``<dir>/<split>.jsonl``; a split given under ``build_info.annotations`` wins.
+    """
+
+    DATASET_CONFIG_DICT = {"default": str(CONFIG_DIR / "bids.yaml")}
+
+    def build(self) -> dict[str, Any]:
+        build_info = self.config.build_info
+        folder = build_info.get("dir")
+        explicit = OmegaConf.to_container(build_info.get("annotations") or OmegaConf.create({}))
+        if folder:
+            for split in build_info.get("splits") or ():
+                explicit.setdefault(split, {"storage": os.path.join(str(folder), f"{split}.jsonl")})
+        build_info.annotations = OmegaConf.create(explicit)
+        return super().build()
