@@ -1,4 +1,5 @@
-"""The pictures: confusion matrices, MRI slices with class probabilities, loss curves (matplotlib).
+"""The pictures: confusion matrices, MRI slices with class probabilities, reliability diagrams, loss curves
+(matplotlib).
 ``draw_*`` functions draw into given axes (to compose reports); ``plot_*`` functions write a PNG.
 """
 from __future__ import annotations
@@ -53,6 +54,42 @@ def draw_loss_curves(axes, curves: Mapping[str, Sequence[float]], ylabel: str = 
     axes.set_xlabel("step")
     axes.set_ylabel(f"{ylabel} (moving average)")
     axes.legend(fontsize=8)
+
+
+def draw_reliability_diagram(axes, probs: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int],
+                             title: str = "", n_bins: int = 10) -> float:
+    """Per-bin accuracy against confidence (top-label, equal-width bins), the diagonal, and the ECE in the title.
+
+    ``probs`` (N, classes) are the probabilities shown to a user, ``labels`` the true class indices;
+    returns the ECE. A bar under the diagonal is over-confidence; the bars' shade grows with their count.
+    """
+    from lavis_medblip.tasks.metrics import reliability_bins  # lazy: the tasks package imports this module
+
+    bins = reliability_bins(probs, labels, n_bins)
+    width = 1.0 / n_bins
+    filled = bins.counts > 0
+    shade = 0.25 + 0.75 * bins.counts[filled] / max(bins.counts.max(), 1)
+    axes.bar(bins.edges[:-1][filled], bins.accuracy[filled], width=width, align="edge", edgecolor="black",
+             color=[(0.12, 0.47, 0.71, alpha) for alpha in shade], label="accuracy")
+    axes.plot(bins.confidence[filled], bins.accuracy[filled], "o", color="tab:red", markersize=3,
+              label="mean confidence")
+    axes.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("confidence (top probability)")
+    axes.set_ylabel("accuracy")
+    axes.legend(fontsize=7, loc="upper left")
+    ece = bins.expected_calibration_error
+    axes.set_title(f"{title}{': ' if title else ''}ECE {ece:.3f} (n={int(bins.counts.sum())})", fontsize=9)
+    return ece
+
+
+def plot_reliability_diagram(probs: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int], path: str | Path,
+                             title: str = "") -> Path:
+    """:func:`draw_reliability_diagram` into a PNG at ``path``; returns ``path``."""
+    figure = Figure(figsize=(4.2, 4.0))
+    draw_reliability_diagram(figure.subplots(), probs, labels, title)
+    return _save(figure, path)
 
 
 def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "") -> Path:

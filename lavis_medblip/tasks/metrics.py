@@ -1,10 +1,11 @@
-"""Classification metrics for diagnosis: plain numpy, checked against hand-computed cases in the tests.
-Predictions may include ``-1`` ("invalid": a generated answer that matched no class); it counts as
+"""Classification and calibration metrics for diagnosis: plain numpy, checked against hand-computed cases
+in the tests. Predictions may include ``-1`` ("invalid": a generated answer that matched no class); it counts as
 wrong everywhere and has its own column in the confusion matrix.
 """
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -72,6 +73,58 @@ def classification_metrics(
         valid = [value for value in metrics["auroc"].values() if not np.isnan(value)]
         metrics["macro_auroc"] = float(np.mean(valid)) if valid else float("nan")
     return metrics
+
+
+@dataclass
+class ReliabilityBins:
+    """Top-label confidence in ``n_bins`` equal-width bins of (0, 1]: per bin a count, mean confidence, accuracy."""
+
+    edges: np.ndarray  # (n_bins + 1,) from 0 to 1
+    counts: np.ndarray  # (n_bins,)
+    confidence: np.ndarray  # (n_bins,) mean top probability; NaN in an empty bin
+    accuracy: np.ndarray  # (n_bins,) share of correct top labels; NaN in an empty bin
+
+    @property
+    def expected_calibration_error(self) -> float:
+        """Σ_bins (count / N) · |accuracy − confidence| (0 for no samples)."""
+        filled = self.counts > 0
+        if not filled.any():
+            return 0.0
+        gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float((self.counts[filled] * gaps).sum() / self.counts.sum())
+
+
+def reliability_bins(probs: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int], n_bins: int = 10
+                     ) -> ReliabilityBins:
+    """Bin each sample's top probability (its confidence) and whether its top class is the label."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=np.int64)
+    if probs.ndim != 2 or probs.shape[0] != labels.shape[0]:
+        raise ValueError(f"reliability bins need probs (N, classes) and N labels, got {probs.shape} and {labels.shape}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be at least 1, got {n_bins}")
+    confidence = probs.max(axis=1) if len(probs) else np.zeros(0)
+    correct = (probs.argmax(axis=1) == labels) if len(probs) else np.zeros(0, dtype=bool)
+    # bin i holds confidences in (i/n, (i+1)/n]; a confidence of exactly 0 goes to the first bin
+    which = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    counts = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_confidence = np.bincount(which, weights=confidence, minlength=n_bins) / counts
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=n_bins) / counts
+    return ReliabilityBins(np.linspace(0.0, 1.0, n_bins + 1), counts, mean_confidence, accuracy)
+
+
+def expected_calibration_error(probs: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int],
+                               n_bins: int = 10) -> float:
+    """Top-label expected calibration error with ``n_bins`` equal-width bins (Guo et al. 2017)."""
+    return reliability_bins(probs, labels, n_bins).expected_calibration_error
+
+
+def mean_negative_log_likelihood(probs: Sequence[Sequence[float]] | np.ndarray, labels: Sequence[int]) -> float:
+    """Mean −log p(true class); probabilities are floored at 1e-12 so that a sure mistake stays finite."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        return float("nan")
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 def match_generated_answer(text: str, class_answers: Sequence[str], class_names: Sequence[str]) -> int:
