@@ -295,8 +295,9 @@ class Predictor:
     def predict(self, volumes: Sequence[Any], texts: Sequence[str]) -> list[Prediction]:
         """One :class:`Prediction` per volume (from :meth:`read`) and its EHR text.
 
-        Its probabilities are exactly ``model.predict_answers(samples, class answers).probs``; with
-        ``explain`` the model also generates an answer to ``explain_question``.
+        Its probabilities are exactly ``model.predict_answers(samples, class answers).probs`` (calibrated when
+        the checkpoint holds a calibration); with ``explain`` the model also generates an answer to
+        ``explain_question``.
         """
         with torch.no_grad():
             ranking = self.model.predict_answers(self.samples(volumes, texts, self.question), self.answers)

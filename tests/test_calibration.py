@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lavis_medblip.models.calibration import Calibration, CalibrationFitOptions, fit_calibration
+from lavis_medblip.models.weights import CheckpointError
 from lavis_medblip.tasks.metrics import expected_calibration_error, mean_negative_log_likelihood, reliability_bins
 from lavis_medblip.visualize import plot_reliability_diagram
 
@@ -76,9 +77,9 @@ def test_the_bias_follows_the_answers_whatever_subset_or_order_is_ranked():
 
 
 def test_a_bad_stored_calibration_is_an_error_naming_the_file():
-    with pytest.raises(ValueError, match="ckpt.pth: 'calibration' is not a valid calibration: .*temperature"):
-        Calibration.from_dict({"temperature": -1.0}, "ckpt.pth")
-    with pytest.raises(ValueError, match="ckpt.pth: 'calibration' has unknown keys \\['scale'\\]"):
+    with pytest.raises(CheckpointError, match="ckpt.pth: 'calibration' is not a valid calibration: .*temperature"):
+        Calibration.from_checkpoint({"calibration": {"temperature": -1.0}}, "ckpt.pth")
+    with pytest.raises(CheckpointError, match="ckpt.pth: 'calibration' has unknown keys \\['scale'\\]"):
         Calibration.from_checkpoint({"calibration": {"scale": 2.0}}, "ckpt.pth")
     with pytest.raises(ValueError, match="2 class_bias values for 3 answers"):
         Calibration(class_bias=[0.0, 1.0], answers=ANSWERS)

@@ -11,7 +11,9 @@ Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation]
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --image scans_dir/ --output results.csv
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --csv cases.csv --output results.csv
 
-The probabilities, and what counts as a scan: :mod:`lavis_medblip.inference`.
+The probabilities, and what counts as a scan: :mod:`lavis_medblip.inference`. A checkpoint that holds a
+calibration (``checkpoint_calibrated.pth`` of a run with ``run.calibration_split``) gives calibrated probabilities
+and predictions; ``--uncalibrated`` shows the raw ones.
 
 The results file is written whole or not at all: rows go to a temporary file next to it, renamed over it
 when the run ends. A run that stops (``--on-error raise``, a crash, Ctrl-C) leaves an existing file as it was.
@@ -45,6 +47,7 @@ from lavis_medblip.inference import (
     load_config,
     load_model,
 )
+from lavis_medblip.models.calibration import Calibration
 from lavis_medblip.models.weights import CheckpointError
 from lavis_medblip.processors.dicom import is_dicom_series
 from lavis_medblip.processors.volume_types import VolumeReadError
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override model config keys, e.g. lm.model=/models/BioMedLM qformer.bert=/models/bert "
                             "(repeatable)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    model.add_argument("--uncalibrated", action="store_true",
+                       help="the raw likelihood-ranking probabilities even when the checkpoint holds a calibration")
 
     inputs = parser.add_argument_group("input (one of)")
     source = inputs.add_mutually_exclusive_group(required=True)
@@ -300,6 +305,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"error: cannot load the checkpoint {error}", file=sys.stderr)
         return 1
+    if args.uncalibrated:
+        model.calibration = Calibration()
+    elif not model.calibration.is_identity:
+        print(f"calibrated probabilities: {model.calibration.describe()}; --uncalibrated for the raw ones",
+              file=sys.stderr)
     predictor = Predictor(model, volume_processor, text_processor, args.classes, device, question=args.question,
                           explain=args.explain, explain_question=args.explain_question,
                           max_new_tokens=args.max_new_tokens)

@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.nn import functional as F
 
+from lavis_medblip.models.weights import CheckpointError
+
 #: The key of a checkpoint dict that holds :meth:`Calibration.to_dict`.
 CHECKPOINT_KEY = "calibration"
 
@@ -96,26 +98,34 @@ class Calibration:
         """Plain values (float, lists, int): what a ``weights_only`` checkpoint may hold."""
         return asdict(self)
 
+    def checkpoint_entry(self) -> dict[str, Any]:
+        """What a checkpoint dict gets: ``{"calibration": values}``, nothing for the identity."""
+        return {} if self.is_identity else {CHECKPOINT_KEY: self.to_dict()}
+
     @classmethod
-    def from_dict(cls, values: Any, source: str = "checkpoint") -> "Calibration":
-        """Read :meth:`to_dict`'s values; anything else is a ``ValueError`` naming ``source`` and the problem."""
+    def from_dict(cls, values: Any) -> "Calibration":
+        """Read :meth:`to_dict`'s values; anything else is a ``ValueError`` saying what is wrong."""
         if not isinstance(values, Mapping):
-            raise ValueError(f"{source}: '{CHECKPOINT_KEY}' holds a {type(values).__name__}, not a dict of values")
+            raise ValueError(f"'{CHECKPOINT_KEY}' holds a {type(values).__name__}, not a dict of values")
         known = {item.name for item in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: '{CHECKPOINT_KEY}' has unknown keys {unknown}; known: {sorted(known)}")
+            raise ValueError(f"'{CHECKPOINT_KEY}' has unknown keys {unknown}; known: {sorted(known)}")
         try:
             return cls(**values)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: '{CHECKPOINT_KEY}' is not a valid calibration: {error}") from None
+            raise ValueError(f"'{CHECKPOINT_KEY}' is not a valid calibration: {error}") from None
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Any, source: str = "checkpoint") -> "Calibration":
-        """The calibration a loaded checkpoint holds; the identity when it holds none."""
+        """The calibration a loaded checkpoint holds, the identity when it holds none; a bad one is a
+        :class:`CheckpointError` naming ``source`` (the file)."""
         if not isinstance(checkpoint, Mapping) or checkpoint.get(CHECKPOINT_KEY) is None:
             return cls()
-        return cls.from_dict(checkpoint[CHECKPOINT_KEY], source)
+        try:
+            return cls.from_dict(checkpoint[CHECKPOINT_KEY])
+        except ValueError as error:
+            raise CheckpointError(source, str(error)) from None
 
     def describe(self) -> str:
         """One line for logs: the temperature and the bias of each answer."""

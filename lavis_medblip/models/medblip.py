@@ -21,6 +21,7 @@ from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from lavis.models.blip2_models.Qformer import BertLMHeadModel
 
+from lavis_medblip.models.calibration import Calibration
 from lavis_medblip.models.config import MODEL_TYPES, ComposedConfigPath, MedBLIPConfig, model_type_file
 from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import LanguageModel
@@ -48,11 +49,11 @@ class MedBLIPOutput(ModelOutput):
 
 @dataclass
 class CandidateRanking:
-    """``predict_answers``: per sample, length-normalised log-likelihood of each candidate."""
+    """``predict_answers``: per sample, the raw length-normalised log-likelihood of each candidate."""
 
     scores: torch.Tensor  # (B, C) mean log-probability per answer token
-    probs: torch.Tensor  # (B, C) softmax of scores over the candidates
-    predictions: list[str]
+    probs: torch.Tensor  # (B, C) softmax over the candidates of the scores after model.calibration
+    predictions: list[str]  # the candidate with the highest calibrated score
 
 
 def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
@@ -125,6 +126,7 @@ class MedBLIP(Blip2Base):
         self.prompt_order = tuple(config.prompt_order)
         self.question = config.question
         self.finetuned_keys: set[str] = set()  # loaded by load_checkpoint: later checkpoints keep them
+        self.calibration = Calibration()  # of probs and predictions; the identity unless a checkpoint holds one
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -343,9 +345,9 @@ class MedBLIP(Blip2Base):
         with self.maybe_autocast():
             total, count = self.language_model.answer_log_likelihood(batch)
         scores = (total / count.clamp(min=1)).view(batch_size, num_candidates)
-        best = scores.argmax(dim=1).tolist()
-        return CandidateRanking(scores=scores, probs=scores.softmax(dim=1),
-                                predictions=[per_sample[i][best[i]] for i in range(batch_size)])
+        logits = self.calibration.logits(scores, per_sample)  # the scores themselves when uncalibrated
+        best = logits.argmax(dim=1).tolist()
+        return CandidateRanking(scores, logits.softmax(dim=1), [per_sample[i][best[i]] for i in range(batch_size)])
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
@@ -358,20 +360,22 @@ class MedBLIP(Blip2Base):
         return {name: p.detach().cpu() for name, p in self.named_parameters() if name in keys}
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """:meth:`checkpoint_state_dict` plus the model config, written atomically; loads on top of the frozen backbones."""
-        atomic_save({"model": self.checkpoint_state_dict(), "config": self.config.to_dict()}, path)
+        """:meth:`checkpoint_state_dict`, the model config and a fitted calibration, written atomically."""
+        atomic_save({"model": self.checkpoint_state_dict(), "config": self.config.to_dict(),
+                     **self.calibration.checkpoint_entry()}, path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
         """Load a checkpoint of trainable parameters (ours, or a LAVIS runner's).
 
-        Unexpected keys, missing trainable keys and shape mismatches are a :class:`CheckpointError`
-        (see :func:`check_fits`); frozen weights come from the backbones.
+        Unexpected keys, missing trainable keys and shape mismatches are a :class:`CheckpointError` (see
+        :func:`check_fits`); frozen weights come from the backbones, the calibration from the checkpoint (or none).
         """
         checkpoint = read_checkpoint(url_or_filename, key="finetuned")
         state_dict = state_dict_of(checkpoint, url_or_filename)
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         check_fits(url_or_filename, checkpoint, self.state_dict(), required=trainable,
                    this_model=model_name(self.config.to_dict()))
+        self.calibration = Calibration.from_checkpoint(checkpoint, url_or_filename)  # checked before the weights load
         self.load_state_dict(state_dict, strict=False)
         self.finetuned_keys |= set(state_dict)
         logger.info("Loaded %d tensors from %s", len(state_dict), url_or_filename)
@@ -383,9 +387,8 @@ class MedBLIP(Blip2Base):
                          for key in state_dict if key.startswith(BLIP2_UNUSED_PREFIXES)})
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(BLIP2_UNUSED_PREFIXES)}
         unexpected = [key for key in state_dict if not key.startswith(BLIP2_QFORMER_PREFIXES)]
-        expected = {key for key in self.state_dict() if key.startswith(BLIP2_QFORMER_PREFIXES)}
-        missing = sorted(expected - set(state_dict))
         own = self.state_dict()
+        missing = sorted({key for key in own if key.startswith(BLIP2_QFORMER_PREFIXES)} - set(state_dict))
         mismatched = [key for key in state_dict if key in own and own[key].shape != state_dict[key].shape]
         if unexpected or missing or mismatched:
             raise RuntimeError(
