@@ -133,8 +133,9 @@ class Calibration:
             return "none (raw likelihood softmax)"
         names = self.answers or [f"#{index}" for index in range(len(self.class_bias or ()))]
         bias = ", ".join(f"{name}: {value:+.3f}" for name, value in zip(names, self.class_bias or ()))
-        return f"temperature {self.temperature:.3f}" + (f", class bias {{{bias}}}" if bias else "") + \
-            f" (fit on {self.num_samples} samples)"
+        parts = [f"temperature {self.temperature:.3f}", f"class bias {{{bias}}}" if bias else "",
+                 f"fit on {self.num_samples} samples" if self.num_samples else ""]
+        return ", ".join(part for part in parts if part)
 
 
 @dataclass
@@ -151,17 +152,12 @@ class CalibrationFitOptions:
     max_iter: int = field(default=200, metadata={"help": "LBFGS iterations"})
 
     def __post_init__(self) -> None:
-        if not 0 < self.min_temperature <= 1 <= self.max_temperature:
-            raise ValueError(f"calibration temperature bounds must satisfy 0 < min <= 1 <= max, got "
+        if not 0 < self.min_temperature < 1 < self.max_temperature:  # the fit starts from 1, inside the bounds
+            raise ValueError(f"calibration temperature bounds must satisfy 0 < min < 1 < max, got "
                              f"[{self.min_temperature}, {self.max_temperature}]")
         if not self.bias_prior_std > 0 or self.max_iter < 1:
             raise ValueError(f"calibration bias_prior_std must be > 0 and max_iter >= 1, got {self.bias_prior_std}, "
                              f"{self.max_iter}")
-
-
-def negative_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean NLL of the true labels under ``softmax(logits)``."""
-    return float(F.cross_entropy(logits.double(), labels))
 
 
 def fit_calibration(
