@@ -1,7 +1,8 @@
-"""The simulated atrophy cohort: deterministic, schema-valid, multi-site, and atrophic where it should be.
+"""The simulated atrophy cohort: deterministic, schema-valid, multi-site, anatomically varied, and
+atrophic where it should be.
 
-A handful of subjects on a coarse 4 mm grid; the whole module runs in well under a minute
-(most of it is building the atrophy basis fields once).
+A handful of subjects on a coarse 4 mm grid; the whole module runs in about a minute (most of it is
+building the structure basis fields once per process).
 """
 from __future__ import annotations
 
@@ -13,18 +14,21 @@ import numpy as np
 import pytest
 
 from dataset_builders.simulate_cohort import (
-    BASIS_NAMES, HELD_OUT_SITE, HIPPOCAMPUS, RATE_LIMITS, SITES, TRAINING_SITES, VENTRICLE_IDS,
-    atrophy_displacement, atrophy_basis, jacobian_determinant, main, simulate_cohort,
+    BASIS_NAMES, HELD_OUT_ANATOMY, HELD_OUT_SITE, HIPPOCAMPUS, RATE_LIMITS, SITES, TRAINING_ANATOMY,
+    TRAINING_SITES, VENTRICLE_IDS, SubjectSpec, jacobian_determinant, main, simulate_cohort, simulate_subject,
+    structure_basis, structure_displacement,
 )
 from lavis_medblip.annotations.ehr import describe_ehr
 from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations
 
 SMALL = dict(subjects_per_class=4, voxel_mm=4.0, save_labels=True, progress=False)
+#: 4 per class, plus 1 per class of the held-out anatomy (test_anatomy is as large as test).
+SMALL_COHORT_SIZE = 15
 
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """A 12-subject cohort written through the Python API."""
+    """A 15-subject cohort written through the Python API."""
     return simulate_cohort(tmp_path_factory.mktemp("cohort_a"), seed=7, **SMALL)
 
 
@@ -52,7 +56,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def test_same_seed_gives_byte_identical_cohort(cohort, cohort_again):
     first, second = _files(cohort.out_dir), _files(cohort_again)
     assert first.keys() == second.keys()
-    assert len([name for name in first if name.startswith("images/")]) == 12
+    assert len([name for name in first if name.startswith("images/")]) == SMALL_COHORT_SIZE
     for name in first:
         assert first[name] == second[name], name
 
@@ -77,15 +81,17 @@ def test_rerun_with_same_arguments_is_a_cache_hit(cohort):
 def test_annotations_follow_the_schema(cohort):
     records = _records(cohort)
     everyone = [record for split in records.values() for record in split]
-    assert len(everyone) == 12
+    assert len(everyone) == SMALL_COHORT_SIZE
     for record in everyone:
         assert (cohort.out_dir / record.image).exists()  # relative to the annotation file's folder
         assert record.text == describe_ehr(record.ehr)
         assert "None" not in record.text and "nan" not in record.text
         assert record.cohort and record.visit == "bl"
     assert any(value is None for record in everyone for value in record.ehr.values())  # EHR is incomplete
-    assert [sum(r.label == name for r in everyone) for name in CLASS_NAMES] == [4, 4, 4]
-    assert [sum(r.label == name for r in records["test"]) for name in CLASS_NAMES] == [1, 1, 1]
+    assert [sum(r.label == name for r in everyone) for name in CLASS_NAMES] == [5, 5, 5]
+    for held_out_set in ("test", "test_anatomy"):
+        assert [sum(r.label == name for r in records[held_out_set]) for name in CLASS_NAMES] == [1, 1, 1]
+        assert {r.split for r in records[held_out_set]} == {"test"}  # the schema's split; the file names the set
 
 
 def test_held_out_site_is_the_test_split_and_subjects_are_in_one_split(cohort):
@@ -94,6 +100,46 @@ def test_held_out_site_is_the_test_split_and_subjects_are_in_one_split(cohort):
     assert {r.site for r in records["train"] + records["val"]} <= {site.name for site in TRAINING_SITES}
     ids = [r.subject_id for split in records.values() for r in split]
     assert len(ids) == len(set(ids))
+
+
+def test_held_out_anatomy_is_scanned_at_the_training_sites(cohort):
+    """test_anatomy: new brains (a family training never saw), familiar scanners."""
+    records = _records(cohort)
+    assert {r.site for r in records["test_anatomy"]} <= {site.name for site in TRAINING_SITES}
+    family_of = {subject["subject_id"]: subject["anatomy"]["family"] for subject in _truth(cohort)}
+    assert {family_of[r.subject_id] for r in records["test_anatomy"]} == {HELD_OUT_ANATOMY.name}
+    assert {family_of[r.subject_id] for split in ("train", "val", "test") for r in records[split]} \
+        == {TRAINING_ANATOMY.name}
+    # ids look alike in every split: "<site>-<number>", numbered in a shuffled order per site
+    assert all(r.subject_id.startswith(f"{r.site}-") for split in records.values() for r in split)
+    manifest = json.loads(cohort.cohort_file.read_text())
+    assert manifest["anatomy_families"]["held_out"]["warp_length_mm"] == HELD_OUT_ANATOMY.warp_length_mm
+    assert manifest["counts"]["test_anatomy"] == manifest["counts"]["test"]
+
+
+def test_healthy_anatomy_varies_as_much_as_in_real_elderly_brains():
+    """With no atrophy at all, normal subjects' ventricles still differ several-fold (CV ~0.4 in ADNI NC)."""
+    subjects = [simulate_subject(SubjectSpec(f"s{k}", "NC", "siteA", "train", (0, 0, k)), voxel_mm=4.0,
+                                 atrophy_scale=0.0).truth for k in range(24)]
+    volumes = {key: np.array([s["volumes"][key] for s in subjects])
+               for key in ("brain_mm3", "ventricles_mm3", "hippocampus_mm3")}
+
+    def cv(values: np.ndarray) -> float:
+        return float(values.std(ddof=1) / values.mean())
+
+    assert 0.07 < cv(volumes["brain_mm3"]) < 0.2  # intracranial size: ~10%
+    assert cv(volumes["ventricles_mm3"]) > 0.25
+    assert volumes["ventricles_mm3"].max() > 2.5 * volumes["ventricles_mm3"].min()
+    assert 0.05 < cv(volumes["hippocampus_mm3"] / volumes["brain_mm3"]) < 0.2
+    assert all(s["min_jacobian_anatomy"] > 0 for s in subjects)
+
+
+def test_held_out_anatomy_family_differs_in_head_shape_and_torque():
+    spec = dict(label="NC", site="siteA", split="test_anatomy", anatomy_family=HELD_OUT_ANATOMY.name)
+    anatomies = [simulate_subject(SubjectSpec(f"s{k}", key=(0, 0, k), **spec), voxel_mm=4.0).truth["anatomy"]
+                 for k in range(6)]
+    assert all(len(set(a["head_scale"])) == 3 for a in anatomies)  # scaled differently along each axis
+    assert np.mean([a["torque_mm"] for a in anatomies]) < 0  # training's torque is positive on average
 
 
 def test_alzheimer_subjects_have_smaller_hippocampi_and_larger_ventricles(cohort):
@@ -114,17 +160,17 @@ def test_alzheimer_subjects_have_smaller_hippocampi_and_larger_ventricles(cohort
     assert mean["AD"]["ventricles"] > mean["NC"]["ventricles"]
 
 
-def test_atrophy_warp_never_folds():
+def test_structure_warps_never_fold_at_the_rate_caps():
     strongest = {name: RATE_LIMITS[name.split("_")[0]][1] for name in BASIS_NAMES}
     weakest = {name: RATE_LIMITS[name.split("_")[0]][0] for name in BASIS_NAMES}
     for rates in (strongest, weakest):
-        determinant = jacobian_determinant(atrophy_displacement(rates), atrophy_basis().spacing)
+        determinant = jacobian_determinant(structure_displacement(rates), structure_basis().spacing)
         assert float(determinant.min()) > 0.1
 
 
 def test_every_subjects_warps_have_positive_jacobians(cohort):
     for subject in _truth(cohort):
-        assert subject["min_jacobian_atrophy"] > 0 and subject["min_jacobian_variability"] > 0
+        assert subject["min_jacobian_atrophy"] > 0 and subject["min_jacobian_anatomy"] > 0
 
 
 def test_sites_store_different_orientations_that_canonicalise_to_ras(cohort):
