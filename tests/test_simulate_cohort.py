@@ -134,30 +134,12 @@ def test_healthy_anatomy_varies_as_much_as_in_real_elderly_brains():
     assert all(s["min_jacobian_anatomy"] > 0 for s in subjects)
 
 
-def test_held_out_anatomy_family_differs_in_head_shape_and_torque():
-    spec = dict(label="NC", site="siteA", split="test_anatomy", anatomy_family=HELD_OUT_ANATOMY.name)
-    anatomies = [simulate_subject(SubjectSpec(f"s{k}", key=(0, 0, k), **spec), voxel_mm=4.0).truth["anatomy"]
-                 for k in range(6)]
-    assert all(len(set(a["head_scale"])) == 3 for a in anatomies)  # scaled differently along each axis
-    assert np.mean([a["torque_mm"] for a in anatomies]) < 0  # training's torque is positive on average
-
-
-def test_alzheimer_subjects_have_smaller_hippocampi_and_larger_ventricles(cohort):
-    """Measured on the atlas labels warped along with each image (and on the soft masks)."""
-    by_class = {name: {"hippocampus": [], "ventricles": [], "soft_hippocampus": []} for name in CLASS_NAMES}
-    for subject in _truth(cohort):
-        labels_image = nib.load(cohort.out_dir / subject["image"].replace("images/", "labels/", 1))
-        labels = np.asanyarray(labels_image.dataobj)
-        voxel = float(np.prod(labels_image.header.get_zooms()))
-        brain = subject["volumes"]["brain_mm3"]  # intracranial normalisation (head sizes differ)
-        row = by_class[subject["label"]]
-        row["hippocampus"].append(np.isin(labels, list(HIPPOCAMPUS.values())).sum() * voxel / brain)
-        row["ventricles"].append(np.isin(labels, VENTRICLE_IDS).sum() * voxel / brain)
-        row["soft_hippocampus"].append(subject["volumes"]["hippocampus_mm3"] / brain)
-    mean = {name: {key: np.mean(values) for key, values in rows.items()} for name, rows in by_class.items()}
-    assert mean["AD"]["hippocampus"] < mean["NC"]["hippocampus"]
-    assert mean["AD"]["soft_hippocampus"] < mean["NC"]["soft_hippocampus"]
-    assert mean["AD"]["ventricles"] > mean["NC"]["ventricles"]
+def test_held_out_anatomy_family_differs_in_head_shape_and_torque(cohort):
+    anatomies = {subject["split"]: subject["anatomy"] for subject in _truth(cohort)}  # one per split suffices
+    assert len(set(anatomies["test_anatomy"]["head_scale"])) == 3  # scaled differently along each axis
+    assert len(set(anatomies["train"]["head_scale"])) == 1
+    held_out_torques = [s["anatomy"]["torque_mm"] for s in _truth(cohort) if s["split"] == "test_anatomy"]
+    assert np.mean(held_out_torques) < 0  # mirrored: training's torque is positive on average
 
 
 def test_structure_warps_never_fold_at_the_rate_caps():
