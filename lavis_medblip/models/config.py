@@ -135,6 +135,8 @@ class LanguageModelConfig:
     config_overrides: dict[str, Any] | None = field(default=None, metadata={
         "help": "build a random LM of this architecture (AutoConfig.for_model; needs model_type), not lm.model"})
     gguf_file: str | None = field(default=None, metadata={"help": "a GGUF file inside lm.model's folder to read"})
+    num_layers: int | None = field(default=None, metadata={
+        "help": "keep only the LM's first N transformer blocks (a cheaper LM for CPU runs); null: all of them"})
     dtype: str = field(default="float32", metadata={"help": f"of the LM's weights, one of {list(LM_DTYPES)}"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let the hub LM run its own modelling code"})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA on the LM (model.lm.lora)"})
@@ -142,6 +144,8 @@ class LanguageModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in LM_DTYPES:
             raise ValueError(f"{self.KEY}.dtype must be one of {list(LM_DTYPES)} (got {self.dtype!r})")
+        if self.num_layers is not None:
+            _check_positive(self.KEY, num_layers=self.num_layers)
         if self.config_overrides is not None and "model_type" not in self.config_overrides:
             raise ValueError(f"{self.KEY}.config_overrides needs a model_type, e.g. gpt2 "
                              f"(got keys {sorted(self.config_overrides)})")

@@ -52,6 +52,7 @@ class LanguageModel(nn.Module):
         # Llama-family LMs compute logits at chosen positions only: a 49k-word vocabulary over every
         # prompt position is a fifth of a CPU training step, and only the answer positions are scored.
         self.keeps_chosen_logits = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
+        self.takes_position_ids = "position_ids" in inspect.signature(causal_lm.forward).parameters
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the LM tokenizer {type(tokenizer).__name__} has no eos token; "
                              f"set model.lm.tokenizer_kwargs.eos_token")
@@ -80,9 +81,11 @@ class LanguageModel(nn.Module):
             gguf = {"gguf_file": gguf_file} if gguf_file else {}
             lm_config = from_pretrained_or_explain(AutoConfig.from_pretrained, "lm.model", name,
                                                    trust_remote_code=remote, **gguf)
+            if config.num_layers is not None:  # config attribute maps give every family this name
+                lm_config.num_hidden_layers = min(config.num_layers, lm_config.num_hidden_layers)
             auto = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
-            model = from_pretrained_or_explain(auto.from_pretrained, "lm.model", name, torch_dtype=dtype,
-                                               trust_remote_code=remote, **gguf)
+            model = from_pretrained_or_explain(auto.from_pretrained, "lm.model", name, config=lm_config,
+                                               torch_dtype=dtype, trust_remote_code=remote, **gguf)
         for parameter in model.parameters():
             parameter.requires_grad = False
         if config.lora.enabled:
@@ -184,11 +187,52 @@ class LanguageModel(nn.Module):
             else:
                 logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
                 logits = logits[:, :-1]
-        valid = labels != IGNORE_INDEX
-        token_log_probs = -F.cross_entropy(
-            logits.float().transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none"
-        )
-        return (token_log_probs * valid).sum(dim=1), valid.sum(dim=1)
+        return _summed_log_probs(logits, labels)
+
+    def score_answers(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]],
+                      num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Shared-prefix ranking: :meth:`answer_log_likelihood` of ``[prompt, answer]`` for every candidate,
+        with each sample's prompt run once and its key/value cache (T5: its encoder output) reused by its
+        ``num_candidates`` answers.
+
+        Args:
+            prompt: one left-padded prompt per sample (``build_batch(..., left_pad=True)``, no answers).
+            answer_ids: the candidates' token ids, sample-major (``num_candidates`` per sample).
+        Returns:
+            Per candidate, sample-major: the summed log-probability of its answer tokens (eos included) and
+            their count.
+        """
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        targets = [list(ids) + [eos] for ids in answer_ids]
+        labels = torch.full((len(targets), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)
+        for index, row in enumerate(targets):
+            labels[index, : len(row)] = torch.tensor(row)
+        labels = labels.to(prompt.inputs_embeds.device)
+        prompt_mask = prompt.attention_mask.repeat_interleave(num_candidates, dim=0)
+        if self.is_encoder_decoder:
+            encoded = self.model.get_encoder()(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask)
+            hidden = encoded.last_hidden_state.repeat_interleave(num_candidates, dim=0)
+            logits = self.model(encoder_outputs=(hidden,), attention_mask=prompt_mask, labels=labels).logits
+            return _summed_log_probs(logits, labels)
+
+        positions = (prompt.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
+        keep_last = {"logits_to_keep": 1} if self.keeps_chosen_logits else {}
+        first = self.model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
+                           use_cache=True, **self._positions(positions), **keep_last)
+        cache = _repeat_cache(first.past_key_values, num_candidates)
+        answer_mask = (labels != IGNORE_INDEX).long()
+        answer_positions = positions[:, -1:].repeat_interleave(num_candidates, dim=0) + 1 + torch.arange(
+            labels.shape[1], device=labels.device)
+        rest = self.model(input_ids=labels.masked_fill(labels == IGNORE_INDEX, pad),
+                          attention_mask=torch.cat([prompt_mask, answer_mask], dim=1), past_key_values=cache,
+                          use_cache=True, **self._positions(answer_positions)).logits
+        # the prompt's last logits predict the first answer token, answer token i's predict token i + 1
+        logits = torch.cat([first.logits[:, -1:].repeat_interleave(num_candidates, dim=0), rest[:, :-1]], dim=1)
+        return _summed_log_probs(logits, labels)
+
+    def _positions(self, position_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``position_ids`` for LMs that take them (others, e.g. BioGPT, count positions from the mask)."""
+        return {"position_ids": position_ids} if self.takes_position_ids else {}
 
     def loss(self, batch: PromptBatch) -> torch.Tensor:
         """Mean negative log-likelihood over all answer tokens of the batch."""
@@ -205,6 +249,21 @@ class LanguageModel(nn.Module):
             **generate_kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+
+def _summed_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens, and how many there are."""
+    valid = labels != IGNORE_INDEX
+    token_log_probs = -F.cross_entropy(logits.float().transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none")
+    return (token_log_probs * valid).sum(dim=1), valid.sum(dim=1)
+
+
+def _repeat_cache(cache: Any, repeats: int) -> Any:
+    """Each sample's key/value cache ``repeats`` times (sample-major), as a ``Cache`` or legacy tuples."""
+    if hasattr(cache, "batch_repeat_interleave"):
+        cache.batch_repeat_interleave(repeats)
+        return cache
+    return tuple(tuple(tensor.repeat_interleave(repeats, dim=0) for tensor in layer) for layer in cache)
 
 
 def _add_lora(model: nn.Module, lora: LoRAConfig) -> nn.Module:

@@ -334,16 +334,12 @@ class MedBLIP(Blip2Base):
         questions = self._questions(samples, batch_size)
         prefix = self._lm_prefix(image)
 
-        repeat = lambda values: [value for value in values for _ in range(num_candidates)]  # noqa: E731
         flat_candidates = [option for options in per_sample for option in options]
-        batch = self.language_model.build_batch(
-            prefix.repeat_interleave(num_candidates, dim=0),
-            self._prompt_ids(repeat(samples["text_input"]), repeat(questions)),
-            self.prompt_order,
-            self._answer_ids(flat_candidates),
+        prompt = self.language_model.build_batch(
+            prefix, self._prompt_ids(samples["text_input"], questions), self.prompt_order, left_pad=True
         )
-        with self.maybe_autocast():
-            total, count = self.language_model.answer_log_likelihood(batch)
+        with self.maybe_autocast():  # each prompt runs once, its candidates share it (shared-prefix ranking)
+            total, count = self.language_model.score_answers(prompt, self._answer_ids(flat_candidates), num_candidates)
         scores = (total / count.clamp(min=1)).view(batch_size, num_candidates)
         logits = self.calibration.logits(scores, per_sample)  # the scores themselves when uncalibrated
         best = logits.argmax(dim=1).tolist()
