@@ -1,24 +1,66 @@
-"""The demo's image-evidence control: the held-out annotations with the images shuffled across subjects."""
+"""The demo: its image-evidence control (images shuffled), the EHR-fields baseline, and a smoke run of the
+whole pipeline on a tiny cohort that prints every row of the table on both held-out sets."""
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
+from lavis_medblip.annotations.schema import AnnotationRecord
+from lavis_medblip.baselines import EHRLogisticRegression, ehr_features
 from lavis_medblip.cli import demo
 
 
-def test_shuffled_test_set_keeps_text_and_labels_and_permutes_images(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    demo.COHORT_DIR.mkdir(parents=True)
+def write_held_out(cohort, count: int = 8) -> list[dict]:
+    cohort.mkdir(parents=True)
     records = [{"subject_id": f"s{i}", "image": f"images/s{i}.nii.gz", "text": f"MMSE {20 + i}.", "label": "NC",
-                "split": "test"} for i in range(8)]
-    (demo.COHORT_DIR / "test.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+                "split": "test", "ehr": {"mmse": 20 + i}} for i in range(count)]
+    (cohort / "test.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    return records
 
-    path = demo.write_shuffled_test(seed=0)
+
+def test_shuffled_images_keep_text_and_labels(tmp_path):
+    run = demo.Demo(tmp_path)
+    records = write_held_out(run.cohort)
+
+    path = run.write_shuffled("test", seed=0)
     shuffled = [json.loads(line) for line in path.read_text().splitlines()]
 
-    assert path.parent == demo.COHORT_DIR  # image paths stay relative to the cohort root
+    assert path.parent == run.cohort  # image paths stay relative to the cohort root
     assert [(r["subject_id"], r["text"], r["label"]) for r in shuffled] == [
         (r["subject_id"], r["text"], r["label"]) for r in records]
     assert sorted(r["image"] for r in shuffled) == sorted(r["image"] for r in records)
     assert sum(a["image"] != b["image"] for a, b in zip(shuffled, records)) >= 6
-    assert demo.write_shuffled_test(seed=0).read_text() == path.read_text()  # deterministic by seed
+    assert run.write_shuffled("test", seed=0).read_text() == path.read_text()  # by seed
+
+
+def test_ehr_regression_reads_the_fields_and_their_missingness():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    records = [AnnotationRecord(image="x.nii.gz", subject_id=f"s{i}", label=("NC", "MCI", "AD")[label], split="train",
+                                ehr={"age": float(rng.normal(74, 6)), "sex": "F",
+                                     "mmse": None if i % 4 == 0 else int(29 - 3 * label + rng.integers(0, 2))})
+               for i, label in enumerate(labels)]
+
+    features = ehr_features(records[:4])
+    model = EHRLogisticRegression().fit(records[:200])
+    metrics = model.evaluate(records[200:])
+
+    assert np.isnan(features[0, 4]) and features[0, 5] == 1.0  # MMSE missing: NaN (imputed) + indicator
+    assert metrics["balanced_accuracy"] > 0.6  # MMSE separates the classes where it is recorded
+    assert 0 <= metrics["ece"] < 0.2 and model.predict_proba(records[:3]).sum(axis=1) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_demo_smoke_prints_every_row_on_both_held_out_sets(tmp_path, capsys):
+    demo.main(["--root", str(tmp_path), "--subjects-per-class", "8", "--max-epoch", "1"])
+
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert set(rows) == set(demo.ROWS)
+    for row in rows.values():
+        assert set(row) == set(demo.HELD_OUT)
+        assert all({"balanced_accuracy", "macro_f1", "macro_auroc", "ece"} <= set(metrics) for metrics in row.values())
+    assert all(name in printed for name in demo.ROWS.values())
+    assert (tmp_path / "report.png").stat().st_size > 0

@@ -1,14 +1,18 @@
 """The CPU demo (``make demo``): MedBLIP learns NC / MCI / AD from a simulated cohort in minutes.
 
-1. simulate an atrophy cohort from the real ICBM-2009c brain (cached), with a held-out scanner site
-   (the atrophy exaggerated ``--atrophy-scale`` times, 2.5 by default: see README, limitations), and
-   preprocess its scans into the volume cache (``python -m lavis_medblip.warm_cache``, on every core);
-2. pretrain a small MedBLIP through ``python -m lavis_medblip.train`` (projects/medblip/demo_pretrain.yaml)
-   in two stages, as BLIP-2: an LM-free Q-Former stage (ITC only), then the full loss from its checkpoint;
-3. train the same model the same way with the image blanked (``mri_volume_blank``): the text-only baseline;
-4. evaluate both zero-shot on the held-out site (projects/medblip/demo_eval.yaml), and the image + text
-   model once more with the images shuffled across subjects (does its gain come from the images?);
-5. print a table and write a PNG report (confusion matrices, example slices with probabilities, loss curves).
+1. simulate a cohort from the real ICBM-2009c brain (cached): every subject its own anatomy, atrophy on top
+   of it (exaggerated ``--atrophy-scale`` times), four scanner sites; two held-out sets: ``test`` (a scanner
+   site training never saw) and ``test_anatomy`` (training sites, an anatomy family training never saw);
+   preprocess the scans into the volume cache (``python -m lavis_medblip.warm_cache``);
+2. image + text: pretrain a small MedBLIP through ``python -m lavis_medblip.train``
+   (projects/medblip/demo_pretrain.yaml) in two stages, as BLIP-2: an LM-free Q-Former stage, then the full loss;
+3. the baselines, trained the same way: text only (the LM and LoRA on the EHR prompt alone, no visual prefix,
+   Table 2) and image only (the EHR text emptied); a logistic regression on the EHR fields measures what the
+   text holds;
+4. evaluate zero-shot (projects/medblip/demo_eval.yaml), calibrated on the training sites' validation split,
+   on both held-out sets, and the image + text model again with the images shuffled across subjects (does it
+   read the images?);
+5. print the table and write a PNG report (confusion matrices, reliability diagram, slices, loss curves).
 
 Every step goes through the same launchers, builders, processors, model and tasks as real cohorts.
 """
@@ -27,127 +31,159 @@ from typing import Sequence
 
 from lavis_medblip.annotations.schema import read_annotations, write_annotations
 
-DEMO_ROOT = Path(".cache/demo")
-COHORT_DIR = DEMO_ROOT / "cohort"
-RUNS_DIR = DEMO_ROOT / "runs"
 PROJECT_DIR = Path("projects/medblip")
+HELD_OUT = {"test": "held-out scanner site", "test_anatomy": "held-out anatomy"}
 BLANK_IMAGE = [f"datasets.brain_mri.vis_processor.{split}.name=mri_volume_blank" for split in ("train", "eval")]
-VARIANTS = {"image_text": [], "text_only": BLANK_IMAGE}
-#: Stage 1 on top of demo_pretrain.yaml: no LM forward, only the two ITC losses (cheap steps, many of them).
+TEXT_ONLY = ["model.prompt_order=[text,question]", *BLANK_IMAGE]
+#: The image-only model: no EHR text (so no ITC(image, EHR) either).
+IMAGE_ONLY = ["model.loss.lambda_itc_text=0",
+              *[f"datasets.brain_mri.text_processor.{split}.name=medblip_text_blank" for split in ("train", "eval")]]
+#: Stage 1 of the image models on top of demo_pretrain.yaml: no LM forward, only the ITC losses (cheap steps).
 LM_FREE_STAGE = ["model.loss.lambda_lm=0", "run.max_epoch=8"]
+ROWS = {"image_text": "image + text", "text_only": "text only (LM)", "ehr_regression": "EHR fields (log. regression)",
+        "image_only": "image only (no EHR text)", "images_shuffled": "image + text, images shuffled"}
 
 
-def run(module: str, cfg_path: Path, options: list[str]) -> None:
-    command = [sys.executable, "-m", module, "--cfg-path", str(cfg_path), "--options", *options]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+class Demo:
+    """Paths and launches of one demo run under ``root`` (``.cache/demo``)."""
+
+    def __init__(self, root: Path, train_options: Sequence[str] = ()):
+        self.root, self.cohort, self.runs = root, root / "cohort", root / "runs"
+        self.train_options = list(train_options)
+
+    def data_options(self, splits: dict[str, Path]) -> list[str]:
+        annotations = [f"datasets.brain_mri.build_info.annotations.{split}.storage={path}" for split, path in splits.items()]
+        volumes = [f"datasets.brain_mri.vis_processor.{kind}.cache_dir={self.root / 'volumes'}" for kind in ("train", "eval")]
+        return [*annotations, *volumes]
+
+    def launch(self, module: str, yaml_name: str, options: Sequence[str]) -> None:
+        command = [sys.executable, "-m", module, "--cfg-path", str(PROJECT_DIR / yaml_name), "--options", *options]
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True)
+
+    def train(self, name: str, options: Sequence[str]) -> Path:
+        """Train into ``runs/<name>`` (emptied first); returns the run folder."""
+        output_dir = self.runs / name
+        shutil.rmtree(output_dir, ignore_errors=True)
+        self.launch("lavis_medblip.train", "demo_pretrain.yaml",
+                    [f"run.output_dir={output_dir}", *self.data_options({"train": self.cohort / "train.jsonl"}),
+                     *options, *self.train_options])
+        return job_dir(output_dir)
+
+    def evaluate(self, name: str, checkpoint: Path, options: Sequence[str], test_sets: dict[str, Path]) -> dict:
+        """Calibrate on ``val``, then metrics and predictions per test set, in one evaluation run."""
+        output_dir = self.runs / name
+        shutil.rmtree(output_dir, ignore_errors=True)
+        splits = {"val": self.cohort / "val.jsonl", **test_sets}
+        self.launch("lavis_medblip.evaluate", "demo_eval.yaml",
+                    [f"run.output_dir={output_dir}", f"model.finetuned={checkpoint}", "run.calibration_split=val",
+                     f"run.test_splits=[{','.join(test_sets)}]", *self.data_options(splits), *options])
+        result_dir = job_dir(output_dir) / "result"
+        return {split: {"metrics": json.loads((result_dir / f"{split}_epochbest_metrics.json").read_text()),
+                        "predictions": json.loads((result_dir / f"{split}_epochbest_predictions.json").read_text())}
+                for split in test_sets}
+
+    def train_image_model(self, name: str, options: Sequence[str], epochs: Sequence[str]) -> Path:
+        """The two stages of the image models, as BLIP-2: LM-free ITC, then the full loss from its checkpoint."""
+        stage1 = self.train(f"{name}_stage1", [*LM_FREE_STAGE, *options])
+        return self.train(name, ["model.load_finetuned=true", f"model.finetuned={stage1 / 'checkpoint_latest.pth'}",
+                                 *options, *epochs])
+
+    def write_shuffled(self, split: str, seed: int) -> Path:
+        """``<split>_images_shuffled.jsonl``: the images permuted across subjects, EHR text and labels kept.
+
+        The image-evidence control: a model whose gain over text only comes from the images gets worse on it.
+        """
+        records = list(read_annotations(self.cohort / f"{split}.jsonl"))
+        images = [record.image for record in records]
+        random.Random(seed).shuffle(images)
+        path = self.cohort / f"{split}_images_shuffled.jsonl"
+        write_annotations(path, (replace(record, image=image) for record, image in zip(records, images)))
+        return path
 
 
 def job_dir(output_dir: Path) -> Path:
-    """The run folder the launcher made under ``output_dir`` (we empty it before each run)."""
+    """The run folder the launcher made under ``output_dir`` (emptied before each run)."""
     (folder,) = [path for path in output_dir.iterdir() if path.is_dir()]
     return folder
 
 
-def write_shuffled_test(seed: int) -> Path:
-    """The held-out annotations with the images permuted across subjects (EHR text and labels kept).
-
-    The image-evidence control: a model whose gain over text only comes from the images gets worse
-    on it; a gain that survives it comes from something else (e.g. any non-blank visual prefix).
-    """
-    records = list(read_annotations(COHORT_DIR / "test.jsonl"))
-    images = [record.image for record in records]
-    random.Random(seed).shuffle(images)
-    path = COHORT_DIR / "test_images_shuffled.jsonl"
-    write_annotations(path, (replace(record, image=image) for record, image in zip(records, images)))
-    return path
+def read_steps(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_steps.jsonl").read_text().splitlines()]
 
 
-def evaluate(checkpoint: Path, options: list[str], name: str, more_test_sets: dict[str, Path] | None = None) -> dict:
-    """Metrics and predictions on the held-out site (``test``), and on ``more_test_sets`` in the same run."""
-    eval_dir = RUNS_DIR / name
-    shutil.rmtree(eval_dir, ignore_errors=True)
-    splits = {"test": None, **(more_test_sets or {})}
-    annotations = [f"datasets.brain_mri.build_info.annotations.{split}.storage={path}"
-                   for split, path in splits.items() if path is not None]
-    run("lavis_medblip.evaluate", PROJECT_DIR / "demo_eval.yaml",
-        [f"run.output_dir={eval_dir}", f"model.finetuned={checkpoint}", *options, *annotations,
-         f"run.test_splits=[{','.join(splits)}]"])
-    result_dir = job_dir(eval_dir) / "result"
-    return {split: {"metrics": json.loads((result_dir / f"{split}_epochbest_metrics.json").read_text()),
-                    "predictions": json.loads((result_dir / f"{split}_epochbest_predictions.json").read_text())}
-            for split in splits}
+def ehr_regression(cohort: Path) -> dict:
+    from lavis_medblip.baselines import EHRLogisticRegression
+
+    model = EHRLogisticRegression().fit(list(read_annotations(cohort / "train.jsonl")))
+    return {split: {"metrics": model.evaluate(list(read_annotations(cohort / f"{split}.jsonl")))} for split in HELD_OUT}
 
 
-def warm_volume_cache() -> None:
-    """Register and resample every scan once, on every core, before training reads them from the cache."""
-    test = f"datasets.brain_mri.build_info.annotations.test.storage={COHORT_DIR / 'test.jsonl'}"
-    run("lavis_medblip.warm_cache", PROJECT_DIR / "demo_pretrain.yaml", [test])
+def table_rows(results: dict) -> dict[str, dict[str, dict]]:
+    """Row name → held-out set → metrics."""
+    image_text = results["image_text"]
+    return {
+        "image_text": {split: image_text[split]["metrics"] for split in HELD_OUT},
+        "text_only": {split: results["text_only"][split]["metrics"] for split in HELD_OUT},
+        "ehr_regression": {split: results["ehr_regression"][split]["metrics"] for split in HELD_OUT},
+        "image_only": {split: results["image_only"][split]["metrics"] for split in HELD_OUT},
+        "images_shuffled": {split: image_text[f"{split}_images_shuffled"]["metrics"] for split in HELD_OUT},
+    }
 
 
-def train_and_evaluate(variant: str, options: list[str], max_epoch: int | None, shuffled_test: Path) -> dict:
-    stage1_dir, train_dir = RUNS_DIR / f"{variant}_stage1", RUNS_DIR / variant
-    for folder in (stage1_dir, train_dir):
-        shutil.rmtree(folder, ignore_errors=True)
-    run("lavis_medblip.train", PROJECT_DIR / "demo_pretrain.yaml",
-        [f"run.output_dir={stage1_dir}", *LM_FREE_STAGE, *options])
-    stage1 = job_dir(stage1_dir) / "checkpoint_latest.pth"
-    epochs = [f"run.max_epoch={max_epoch}"] if max_epoch else []
-    run("lavis_medblip.train", PROJECT_DIR / "demo_pretrain.yaml",
-        [f"run.output_dir={train_dir}", "model.load_finetuned=true", f"model.finetuned={stage1}", *epochs, *options])
-    checkpoint = job_dir(train_dir) / "checkpoint_latest.pth"
-    # the image + text model is evaluated on the shuffled images too, in the same run
-    more_test_sets = {"test_images_shuffled": shuffled_test} if variant == "image_text" else None
-    results = evaluate(checkpoint, options, f"{variant}_eval", more_test_sets)
-    result = results["test"]
-    if variant == "image_text":
-        result["shuffled_metrics"] = results["test_images_shuffled"]["metrics"]
-    steps = [json.loads(line) for line in (job_dir(train_dir) / "train_steps.jsonl").read_text().splitlines()]
-    return {**result, "steps": steps}
+def print_table(rows: dict[str, dict[str, dict]]) -> None:
+    columns = (("balanced_accuracy", "bal acc"), ("macro_f1", "macro-F1"), ("macro_auroc", "AUROC"), ("ece", "ECE"))
+    block = "".join(f"{title:>9}" for _, title in columns)
+    print("\nZero-shot NC / MCI / AD (probabilities calibrated on the training sites' validation split)")
+    print(f"{'':<32}" + "".join(f"{HELD_OUT[split] + ' (n=' + str(rows['image_text'][split]['num_samples']) + ')':>37}"
+                              for split in HELD_OUT))
+    print(f"{'model':<32}" + f"    {block}" * len(HELD_OUT))
+    for row, per_split in rows.items():
+        cells = "".join("    " + "".join(f"{per_split[split][key]:>9.3f}" for key, _ in columns) for split in HELD_OUT)
+        print(f"{ROWS[row]:<32}{cells}")
+    for split, name in HELD_OUT.items():
+        value = {row: per_split[split]["balanced_accuracy"] for row, per_split in rows.items()}
+        print(f"{name}: image + text {100 * (value['image_text'] - value['text_only']):+.1f} points over text only, "
+              f"{100 * (value['image_text'] - max(value['text_only'], value['image_only'])):+.1f} over the better of "
+              f"text only and image only, {100 * (value['image_text'] - value['images_shuffled']):+.1f} over shuffled "
+              f"images; text-only LM {100 * (value['text_only'] - value['ehr_regression']):+.1f} against the EHR "
+              f"regression")
+    print()
 
 
-def print_table(results: dict[str, dict]) -> None:
-    rows = {variant: result["metrics"] for variant, result in results.items()}
-    rows["image_text, images shuffled"] = results["image_text"]["shuffled_metrics"]
-    print("\nZero-shot NC / MCI / AD on the held-out scanner site")
-    print(f"{'model':<28}{'accuracy':>10}{'balanced acc':>14}{'macro-F1':>10}{'macro AUROC':>13}{'n':>5}")
-    for name, m in rows.items():
-        print(f"{name:<28}{m['accuracy']:>10.3f}{m['balanced_accuracy']:>14.3f}{m['macro_f1']:>10.3f}"
-              f"{m['macro_auroc']:>13.3f}{m['num_samples']:>5d}")
-    image_text = rows["image_text"]["balanced_accuracy"]
-    print(f"image + text over text only: {100 * (image_text - rows['text_only']['balanced_accuracy']):+.1f} points of "
-          f"balanced accuracy; over the same model with shuffled images: "
-          f"{100 * (image_text - rows['image_text, images shuffled']['balanced_accuracy']):+.1f}\n")
-
-
-def write_report(results: dict[str, dict], path: Path) -> Path:
+def write_report(demo: Demo, results: dict, rows: dict, path: Path) -> Path:
     from matplotlib.figure import Figure
     from omegaconf import OmegaConf
 
     from lavis.common.registry import registry
 
     from lavis_medblip.models.config import load_model_config
-    from lavis_medblip.visualize import draw_confusion_matrix, draw_loss_curves, draw_probabilities, draw_slices
+    from lavis_medblip.visualize import (draw_confusion_matrix, draw_loss_curves, draw_probabilities,
+                                         draw_reliability_diagram, draw_slices)
 
-    records = {record.subject_id: record for record in read_annotations(COHORT_DIR / "test.jsonl")}
+    split = "test_anatomy"
+    records = {record.subject_id: record for record in read_annotations(demo.cohort / f"{split}.jsonl")}
     # the demo model's preprocessing, at twice the size for the pictures, in intensities (not deviations)
     preprocess = load_model_config("demo").preprocess
     processor_cfg = OmegaConf.create(OmegaConf.to_container(preprocess.vis_processor.eval, resolve=True))
     processor_cfg.image_size, processor_cfg.template_deviation_scale = 96, None
     processor = registry.get_processor_class(processor_cfg.name).from_config(processor_cfg)
-    class_names = results["image_text"]["metrics"]["confusion_matrix"]["labels"]
+    class_names = rows["image_text"][split]["confusion_matrix"]["labels"]
 
     figure = Figure(figsize=(15, 11))
     grid = figure.add_gridspec(4, 4)
-    for column, (variant, result) in enumerate(results.items()):
-        draw_confusion_matrix(figure.add_subplot(grid[0, column]), result["metrics"]["confusion_matrix"],
-                              f"{variant}: balanced accuracy {result['metrics']['balanced_accuracy']:.2f}")
-    draw_loss_curves(figure.add_subplot(grid[0, 2:]),
-                     {f"{variant} LM loss": [step["loss_lm"] for step in result["steps"]]
-                      for variant, result in results.items()})
-    for row, example in enumerate(results["image_text"]["predictions"][:3], start=1):
+    for column, variant in enumerate(("image_text", "text_only")):
+        metrics = rows[variant][split]
+        draw_confusion_matrix(figure.add_subplot(grid[0, column]), metrics["confusion_matrix"],
+                              f"{ROWS[variant]}, {HELD_OUT[split]}: bal. acc. {metrics['balanced_accuracy']:.2f}")
+    predictions = results["image_text"][split]["predictions"]
+    draw_reliability_diagram(figure.add_subplot(grid[0, 2]), [p["probs"] for p in predictions],
+                             [p["label"] for p in predictions], f"{ROWS['image_text']}, {HELD_OUT[split]}")
+    draw_loss_curves(figure.add_subplot(grid[0, 3]), {f"{ROWS[variant]} LM loss": [step["loss_lm"] for step in steps]
+                                                      for variant, steps in results["steps"].items()})
+    for row, example in enumerate(predictions[:3], start=1):
         record = records[example["instance_id"].split("/")[0]]
-        volume = processor(str(COHORT_DIR / record.image))[0].numpy()
+        volume = processor(str(demo.cohort / record.image))[0].numpy()
         draw_slices([figure.add_subplot(grid[row, column]) for column in range(3)], volume,
                     f"{record.subject_id} ({record.label})")
         draw_probabilities(figure.add_subplot(grid[row, 3]), example["probs"], class_names,
@@ -159,32 +195,53 @@ def write_report(results: dict[str, dict], path: Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(".cache/demo"), help="cohort, volume cache, runs, report")
     parser.add_argument("--subjects-per-class", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--atrophy-scale", type=float, default=2.5, help="exaggerates the simulated atrophy")
+    parser.add_argument("--ehr-informativeness", type=float, default=0.5,
+                        help="the simulator's kappa: how much the EHR fields differ between classes (0 to 1)")
     parser.add_argument("--max-epoch", type=int, default=None, help="override demo_pretrain.yaml's run.max_epoch")
     parser.add_argument("--train-seed", type=int, default=None,
                         help="override the yaml's run.seed (training order and dropout; the cohort keeps --seed)")
     args = parser.parse_args(argv)
-    start = time.time()
+    start, timings = time.time(), {}
+    demo = Demo(args.root, [f"run.seed={args.train_seed}"] if args.train_seed is not None else [])
+    epochs = [f"run.max_epoch={args.max_epoch}"] if args.max_epoch else []
 
-    # The simulator is a checkout tool (dataset_builders/), never imported by the package: run its CLI.
-    simulate = [sys.executable, "-m", "dataset_builders.simulate_cohort", "--out", str(COHORT_DIR),
+    # 1. the cohort (the simulator is a checkout tool, never imported by the package: run its CLI) and its scans
+    simulate = [sys.executable, "-m", "dataset_builders.simulate_cohort", "--out", str(demo.cohort),
                 "--subjects-per-class", str(args.subjects_per_class), "--seed", str(args.seed),
-                "--atrophy-scale", str(args.atrophy_scale), "--workers", "2"]
+                "--atrophy-scale", str(args.atrophy_scale), "--ehr-informativeness", str(args.ehr_informativeness),
+                "--workers", "2"]
     print("$", " ".join(simulate), flush=True)
     subprocess.run(simulate, check=True)
-    shuffled_test = write_shuffled_test(args.seed)
-    warm_volume_cache()
-    seed = [f"run.seed={args.train_seed}"] if args.train_seed is not None else []
-    results = {variant: train_and_evaluate(variant, [*options, *seed], args.max_epoch, shuffled_test)
-               for variant, options in VARIANTS.items()}
-    print_table(results)
-    report = write_report(results, DEMO_ROOT / "report.png")
-    metrics = {variant: result["metrics"] for variant, result in results.items()}
-    metrics["image_text_images_shuffled"] = results["image_text"]["shuffled_metrics"]
-    (DEMO_ROOT / "results.json").write_text(json.dumps(metrics, indent=2))
-    print(f"report: {report}  metrics: {DEMO_ROOT / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
+    shuffled = {f"{split}_images_shuffled": demo.write_shuffled(split, args.seed) for split in HELD_OUT}
+    held_out = {split: demo.cohort / f"{split}.jsonl" for split in HELD_OUT}
+    demo.launch("lavis_medblip.warm_cache", "demo_pretrain.yaml",
+                demo.data_options({"train": demo.cohort / "train.jsonl", "val": demo.cohort / "val.jsonl", **held_out}))
+    timings["cohort and scans"] = time.time() - start
+
+    # 2-4. train and evaluate the three models; the image + text model also on the shuffled images
+    results: dict = {"steps": {}}
+    runs = {"image_text": demo.train_image_model("image_text", [], epochs),
+            "text_only": demo.train("text_only", [*TEXT_ONLY, *epochs]),
+            "image_only": demo.train_image_model("image_only", IMAGE_ONLY, epochs)}
+    results["steps"] = {variant: read_steps(run_dir) for variant, run_dir in runs.items()}
+    timings["training"] = time.time() - start - sum(timings.values())
+    for variant, options in {"image_text": [], "text_only": TEXT_ONLY, "image_only": IMAGE_ONLY}.items():
+        test_sets = {**held_out, **shuffled} if variant == "image_text" else held_out
+        results[variant] = demo.evaluate(f"{variant}_eval", runs[variant] / "checkpoint_latest.pth", options, test_sets)
+    results["ehr_regression"] = ehr_regression(demo.cohort)
+    timings["evaluation"] = time.time() - start - sum(timings.values())
+
+    # 5. the table and the pictures
+    rows = table_rows(results)
+    print_table(rows)
+    report = write_report(demo, results, rows, demo.root / "report.png")
+    (demo.root / "results.json").write_text(json.dumps(rows, indent=2))
+    print("minutes: " + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()))
+    print(f"report: {report}  metrics: {demo.root / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

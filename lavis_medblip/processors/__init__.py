@@ -1,9 +1,9 @@
 """Registered LAVIS processors: 3D MRI volumes and EHR text.
-Importing this package registers ``mri_volume_train``, ``mri_volume_eval``, ``mri_volume_blank`` and ``medblip_text``
-in ``lavis.common.registry``.
+Importing this package registers ``mri_volume_train``, ``mri_volume_eval``, ``mri_volume_blank``, ``medblip_text``
+and ``medblip_text_blank`` in ``lavis.common.registry``.
 """
 import lavis  # noqa: F401  (first, before our modules: see lavis_medblip/registration.py)
-from lavis_medblip.processors.blank import MriVolumeBlankProcessor
+from lavis_medblip.processors.blank import MedBlipTextBlankProcessor, MriVolumeBlankProcessor
 from lavis_medblip.processors.text import MedBlipTextProcessor
 from lavis_medblip.processors.readers import load_volume
 from lavis_medblip.processors.volume_types import (
@@ -21,6 +21,7 @@ from lavis_medblip.processors.volume_cache import VolumeCache
 __all__ = [
     "ConstantVolumeWarning",
     "DegenerateVolumeWarning",
+    "MedBlipTextBlankProcessor",
     "MedBlipTextProcessor",
     "MriVolumeBlankProcessor",
     "MriVolumeEvalProcessor",

@@ -1,4 +1,5 @@
-"""``mri_volume_blank``: a zero volume in place of the scan, for text-only baselines.
+"""Blank inputs for the one-modality baselines: ``mri_volume_blank`` (a zero volume in place of the scan, text
+only) and ``medblip_text_blank`` (no EHR text, image only).
 """
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ class MriVolumeBlankProcessor(BaseProcessor):
     @classmethod
     def from_config(cls, cfg: Any = None) -> "MriVolumeBlankProcessor":
         return cls(image_size=(cfg or {}).get("image_size", 224))
+
+
+@registry.register_processor("medblip_text_blank")
+class MedBlipTextBlankProcessor(BaseProcessor):
+    """An empty EHR text, whatever the record says: the image-only baseline. Swapping a dataset's
+    ``text_processor`` for this one trains and evaluates the same model and pipeline without the text."""
+
+    def __call__(self, text: Any) -> str:
+        return ""
+
+    @classmethod
+    def from_config(cls, cfg: Any = None) -> "MedBlipTextBlankProcessor":
+        return cls()

@@ -1,0 +1,66 @@
+"""The EHR-fields baseline: a logistic regression on the recorded EHR values, the measure of what the text
+holds (scikit-learn). A text-only LM that reads the EHR should come near it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from lavis_medblip.annotations.ehr import is_missing
+from lavis_medblip.annotations.schema import CLASS_NAMES, AnnotationRecord
+from lavis_medblip.tasks.metrics import classification_metrics, expected_calibration_error
+
+#: Numeric EHR fields used as features; each gets a missing-value indicator (a missing value is 0 after scaling).
+NUMERIC_FIELDS = ("age", "education_years", "mmse", "cdr_global")
+MALE = {"m", "male", "1"}
+
+
+def ehr_features(records: Iterable[AnnotationRecord]) -> np.ndarray:
+    """Per record: each numeric field and whether it is missing, then sex (male) and whether it is missing."""
+    rows = []
+    for record in records:
+        row: list[float] = []
+        for name in NUMERIC_FIELDS:
+            value = record.ehr.get(name)
+            missing = is_missing(value)
+            row += [np.nan if missing else float(value), float(missing)]
+        sex = record.ehr.get("sex")
+        row += [float(str(sex).strip().lower() in MALE), float(is_missing(sex))]
+        rows.append(row)
+    return np.asarray(rows, dtype=float)
+
+
+@dataclass
+class EHRLogisticRegression:
+    """Multinomial logistic regression on :func:`ehr_features`, standardised, missing values at the mean."""
+
+    regularisation: float = 1.0  # scikit-learn's C: inverse L2 strength
+    pipeline: Any = None
+
+    def fit(self, records: Sequence[AnnotationRecord]) -> "EHRLogisticRegression":
+        from sklearn.impute import SimpleImputer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        labels = [CLASS_NAMES.index(record.label) for record in records]
+        self.pipeline = make_pipeline(SimpleImputer(strategy="mean", keep_empty_features=True), StandardScaler(),
+                                      LogisticRegression(C=self.regularisation, max_iter=2000))
+        self.pipeline.fit(ehr_features(records), labels)
+        return self
+
+    def predict_proba(self, records: Sequence[AnnotationRecord]) -> np.ndarray:
+        """(N, classes) probabilities, in :data:`CLASS_NAMES` order."""
+        if self.pipeline is None:
+            raise RuntimeError("EHRLogisticRegression.predict_proba before fit")
+        return self.pipeline.predict_proba(ehr_features(records))
+
+    def evaluate(self, records: Sequence[AnnotationRecord]) -> dict:
+        """The classification task's metrics (balanced accuracy, macro-F1, AUROC, ...) and ``ece``."""
+        probs = self.predict_proba(records)
+        labels = [CLASS_NAMES.index(record.label) for record in records]
+        metrics = classification_metrics(labels, probs.argmax(axis=1).tolist(), CLASS_NAMES, scores=probs)
+        metrics["ece"] = expected_calibration_error(probs, labels)
+        return metrics
