@@ -27,6 +27,7 @@ from lavis.runners.runner_base import RunnerBase
 from lavis_medblip.datasets.collate import collate_skipping
 from lavis_medblip.models.weights import CheckpointError, read_checkpoint
 from lavis_medblip.storage import atomic_save
+from lavis_medblip.tasks.base import write_scalars
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +130,18 @@ class MedBLIPRunner(RunnerBase):
     - barriers are guarded, so one process without a process group works;
     - ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
       start random learn faster than pretrained ones), applied after each scheduler step, since
-      LAVIS's schedulers set one lr for every parameter group.
+      LAVIS's schedulers set one lr for every parameter group;
+    - ``run.tensorboard: true`` (default false) writes, on rank 0, TensorBoard events to the job folder's
+      ``tensorboard/``: each step's loss terms and lr (``train/<term>``, by the task's :class:`StepLog`), and
+      each evaluation's numbers (``<split>/agg_metrics``, ..., at the epoch evaluated).
     """
 
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str):
         self.best_agg_metric, self.best_epoch = float("-inf"), -1
         super().__init__(cfg, task, model, datasets, job_id)
+        wanted = bool(cfg.run_cfg.get("tensorboard", False)) and is_main_process()
+        self.tensorboard = open_summary_writer(self.output_dir / "tensorboard") if wanted else None
+        task.tensorboard = self.tensorboard
 
     # ---- device and distributed ---------------------------------------------------------------------
     @property
@@ -219,6 +226,13 @@ class MedBLIPRunner(RunnerBase):
         return super().train_epoch(epoch)
 
     def train(self) -> None:
+        try:
+            self._train()
+        finally:
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+
+    def _train(self) -> None:
         start_time = time.time()
         self.log_config()
         if not self.evaluate_only and self.resume_ckpt_path:
@@ -235,6 +249,7 @@ class MedBLIPRunner(RunnerBase):
                     if split_name == self.valid_splits[0] and val_log["agg_metrics"] > self.best_agg_metric:
                         self.best_agg_metric, self.best_epoch, is_best = val_log["agg_metrics"], cur_epoch, True
                     self.log_stats({**val_log, "best_epoch": self.best_epoch, "epoch": cur_epoch}, split_name)
+                    write_scalars(self.tensorboard, split_name, val_log, cur_epoch)
             if self.evaluate_only:
                 break
             self._save_checkpoint(cur_epoch, is_best=is_best)
@@ -249,6 +264,10 @@ class MedBLIPRunner(RunnerBase):
             test_logs[split_name] = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch, skip_reload=skip_reload)
             if test_logs[split_name] is not None:
                 self.log_stats(test_logs[split_name], split_name)
+                step = cur_epoch if isinstance(cur_epoch, int) else max(self.best_epoch, 0)  # "best": its epoch
+                write_scalars(self.tensorboard, split_name, test_logs[split_name], step)
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
         return test_logs
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -303,6 +322,14 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if hasattr(model, "checkpoint_state_dict"):
         return model.checkpoint_state_dict()
     return {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def open_summary_writer(log_dir: Path) -> Any:
+    """``torch.utils.tensorboard.SummaryWriter`` on ``log_dir``, imported here: only runs that ask need the
+    ``tensorboard`` package, and ``import lavis_medblip`` stays light."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def make_unique_dir(parent: Path, name: str) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from typing import Any
 
@@ -30,16 +31,32 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-class StepLog:
-    """Per-step losses as JSON lines in ``<output_dir>/train_steps.jsonl`` (rank 0), for loss curves."""
+def write_scalars(writer: Any, prefix: str, stats: dict, step: int) -> None:
+    """The top-level numbers of ``stats`` (not flags, not nested tables) as ``<prefix>/<key>`` at ``step``.
 
-    def __init__(self) -> None:
+    ``writer`` is a ``torch.utils.tensorboard.SummaryWriter``, or ``None`` (TensorBoard is off).
+    """
+    if writer is None:
+        return
+    for key, value in stats.items():
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):
+            writer.add_scalar(f"{prefix}/{key}", float(value), step)
+
+
+class StepLog:
+    """Per-step losses and lr as JSON lines in ``<output_dir>/train_steps.jsonl`` (rank 0), for loss curves,
+    and as ``train/<term>`` scalars at step ``epoch * iters_per_epoch + step`` when TensorBoard is on."""
+
+    def __init__(self, tensorboard: Any = None, iters_per_epoch: int = 0) -> None:
         output_dir = registry.get_path("output_dir")
         self.handle = open(os.path.join(output_dir, "train_steps.jsonl"), "a") if output_dir and is_main_process() else None
+        self.tensorboard, self.iters_per_epoch = tensorboard, iters_per_epoch
 
     def write(self, entry: dict) -> None:
         if self.handle is not None:
             self.handle.write(json.dumps(entry) + "\n")
+        scalars = {key: value for key, value in entry.items() if key not in ("epoch", "step")}
+        write_scalars(self.tensorboard, "train", scalars, entry["epoch"] * self.iters_per_epoch + entry["step"])
 
     def close(self) -> None:
         if self.handle is not None:
@@ -56,6 +73,8 @@ class MedBLIPTask(BaseTask):
 
     #: the loss terms the model's output holds, logged each step and averaged per epoch
     loss_terms: tuple[str, ...] = LOSS_TERMS
+    #: a ``SummaryWriter`` that the runner sets on rank 0 when ``run.tensorboard`` is true
+    tensorboard: Any = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -117,7 +136,7 @@ class MedBLIPTask(BaseTask):
         totals = dict.fromkeys(self.loss_terms, 0.0)
         steps = skipped = degenerate = 0
 
-        step_log = StepLog()
+        step_log = StepLog(self.tensorboard, iters_per_epoch)
         logger.info("Start training epoch %d, %d iters per epoch.", epoch, iters_per_epoch)
         for i in metric_logger.log_every(range(iters_per_epoch), log_freq, f"Train: data epoch: [{epoch}]"):
             samples = next(data_iter)
