@@ -58,3 +58,12 @@ def test_every_run_value_the_paper_does_not_state_says_so(path):
                 and "not stated in the paper" not in lines[key]]
     assert unmarked == []
     assert OmegaConf.load(path).run.init_lr == 5e-3  # the paper's
+
+
+@pytest.mark.parametrize("path", sorted(PROJECTS.glob("eval_text_only_*.yaml")), ids=lambda path: path.name)
+def test_text_only_evaluations_run_the_untrained_lm_without_a_visual_prefix(path):
+    project = OmegaConf.load(path)
+    model = OmegaConf.merge(load_model_config(project.model.model_type).model, project.model)
+    config = MedBLIPConfig.from_dict(model)
+    assert config.uses_image is False and project.model.load_finetuned is False  # Table 2: nothing learned
+    assert project.run.task == "medblip_classification"
