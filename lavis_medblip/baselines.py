@@ -8,13 +8,12 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from lavis_medblip.annotations.ehr import is_missing
-from lavis_medblip.annotations.schema import CLASS_NAMES, AnnotationRecord
+from lavis_medblip.annotations.ehr import is_missing, sex_of
+from lavis_medblip.annotations.schema import CLASS_NAMES, EHR_FIELDS, AnnotationRecord
 from lavis_medblip.tasks.metrics import classification_metrics, expected_calibration_error
 
-#: Numeric EHR fields used as features; each gets a missing-value indicator (a missing value is 0 after scaling).
-NUMERIC_FIELDS = ("age", "education_years", "mmse", "cdr_global")
-MALE = {"m", "male", "1"}
+#: The schema's numeric EHR fields; each also gets a missing-value indicator (a field no record has adds nothing).
+NUMERIC_FIELDS = tuple(name for name in EHR_FIELDS if name != "sex")
 
 
 def ehr_features(records: Iterable[AnnotationRecord]) -> np.ndarray:
@@ -27,7 +26,7 @@ def ehr_features(records: Iterable[AnnotationRecord]) -> np.ndarray:
             missing = is_missing(value)
             row += [np.nan if missing else float(value), float(missing)]
         sex = record.ehr.get("sex")
-        row += [float(str(sex).strip().lower() in MALE), float(is_missing(sex))]
+        row += [float(sex_of(sex) == "male"), float(is_missing(sex))]
         rows.append(row)
     return np.asarray(rows, dtype=float)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lavis_medblip.annotations.schema import AnnotationRecord
-from lavis_medblip.baselines import EHRLogisticRegression, ehr_features
+from lavis_medblip.baselines import NUMERIC_FIELDS, EHRLogisticRegression, ehr_features
 from lavis_medblip.cli import demo
 
 
@@ -47,7 +47,8 @@ def test_ehr_regression_reads_the_fields_and_their_missingness():
     model = EHRLogisticRegression().fit(records[:200])
     metrics = model.evaluate(records[200:])
 
-    assert np.isnan(features[0, 4]) and features[0, 5] == 1.0  # MMSE missing: NaN (imputed) + indicator
+    mmse = 2 * NUMERIC_FIELDS.index("mmse")  # each field: its value, then whether it is missing
+    assert np.isnan(features[0, mmse]) and features[0, mmse + 1] == 1.0  # MMSE missing: NaN (imputed) + indicator
     assert metrics["balanced_accuracy"] > 0.6  # MMSE separates the classes where it is recorded
     assert 0 <= metrics["ece"] < 0.2 and model.predict_proba(records[:3]).sum(axis=1) == pytest.approx(1.0)
 

@@ -12,6 +12,11 @@ DIAGNOSIS_QUESTION = "Question: What will this subject be diagnosed with? Answer
 _SEX_WORDS = {"f": "female", "female": "female", "2": "female", "m": "male", "male": "male", "1": "male"}
 
 
+def sex_of(value: Any) -> str | None:
+    """``"male"``, ``"female"`` or ``None`` for a recorded sex (M/F, male/female, 1/2, any case)."""
+    return _SEX_WORDS.get(str(value if value is not None else "").strip().lower())
+
+
 def is_missing(value: Any) -> bool:
     if value is None:
         return True
@@ -31,7 +36,7 @@ def describe_ehr(ehr: Mapping[str, Any]) -> str:
     subject = []
     if "age" in present:
         subject.append(f"{_number(present['age'])}-year-old")
-    sex = _SEX_WORDS.get(str(present.get("sex", "")).strip().lower())
+    sex = sex_of(present.get("sex"))
     subject.append(sex or "subject")
     starts_with_vowel_sound = subject[0][0] in "8aeiou" or subject[0].startswith(("11-", "18-", "11.", "18."))
     sentence = ("An " if starts_with_vowel_sound else "A ") + " ".join(subject)

@@ -159,13 +159,7 @@ class LanguageModel(nn.Module):
         embeds = self.model.get_input_embeddings()(input_ids.to(device))
         embeds = embeds.masked_scatter(visual_mask.to(device).unsqueeze(-1), visual_embeds.to(embeds.dtype))
 
-        labels = None
-        if answer_ids is not None:
-            label_length = max(len(row) for row in label_rows)
-            labels = torch.full((batch_size, label_length), IGNORE_INDEX, dtype=torch.long)
-            for index, row in enumerate(label_rows):
-                labels[index, : len(row)] = torch.tensor(row)
-            labels = labels.to(device)
+        labels = _padded_labels(label_rows, device) if answer_ids is not None else None
         return PromptBatch(embeds, attention_mask.to(device), labels)
 
     # ---- scoring, loss, generation ----------------------------------------------------------------
@@ -203,11 +197,7 @@ class LanguageModel(nn.Module):
             their count.
         """
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        targets = [list(ids) + [eos] for ids in answer_ids]
-        labels = torch.full((len(targets), max(map(len, targets))), IGNORE_INDEX, dtype=torch.long)
-        for index, row in enumerate(targets):
-            labels[index, : len(row)] = torch.tensor(row)
-        labels = labels.to(prompt.inputs_embeds.device)
+        labels = _padded_labels([list(ids) + [eos] for ids in answer_ids], prompt.inputs_embeds.device)
         prompt_mask = prompt.attention_mask.repeat_interleave(num_candidates, dim=0)
         if self.is_encoder_decoder:
             encoded = self.model.get_encoder()(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask)
@@ -249,6 +239,14 @@ class LanguageModel(nn.Module):
             **generate_kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+
+def _padded_labels(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+    """Label rows of different lengths as one (N, longest) tensor, padded with ``IGNORE_INDEX``."""
+    labels = torch.full((len(rows), max(map(len, rows))), IGNORE_INDEX, dtype=torch.long)
+    for index, row in enumerate(rows):
+        labels[index, : len(row)] = torch.tensor(row)
+    return labels.to(device)
 
 
 def _summed_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

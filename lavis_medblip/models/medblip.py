@@ -122,7 +122,6 @@ class MedBLIP(Blip2Base):
         self.max_text_len = config.qformer.max_text_len
         self.max_prompt_len = config.max_prompt_len
         self.max_answer_len = config.max_answer_len
-        self.lambda_lm = config.loss.lambda_lm
         self.prompt_order = tuple(config.prompt_order)
         self.question = config.question
         self.finetuned_keys: set[str] = set()  # loaded by load_checkpoint: later checkpoints keep them

@@ -64,12 +64,14 @@ class MedBLIPClassificationTask(MedBLIPTask):
     def __init__(self, options: ClassificationOptions | None = None):
         super().__init__()
         self.options = options or ClassificationOptions()
-        self.mode, self.max_new_tokens = self.options.classification_mode, self.options.max_new_tokens
-        self.num_beams = self.options.num_beams
         self.class_names: list[str] = []
         self.class_answers: list[str] = []
         self.calibration_split: CalibrationSplit | None = None
         self.applied_calibration = Calibration()  # the model's, as the split being evaluated was scored
+
+    @property
+    def mode(self) -> str:
+        return self.options.classification_mode
 
     @classmethod
     def setup_task(cls, cfg: Any = None, **kwargs: Any) -> "MedBLIPClassificationTask":
@@ -95,7 +97,8 @@ class MedBLIPClassificationTask(MedBLIPTask):
         predictions = [self.class_answers.index(answer) for answer in ranking.predictions]  # calibrated
         generated = [None] * len(predictions)
         if self.mode == "generate":
-            generated = model.generate(samples, max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+            generated = model.generate(samples, max_new_tokens=self.options.max_new_tokens,
+                                       num_beams=self.options.num_beams)
             predictions = [match_generated_answer(text, self.class_answers, self.class_names) for text in generated]
         return [
             {"instance_id": instance_id, "label": int(label), "prediction": int(prediction),
