@@ -284,8 +284,9 @@ def fill_caches(volume_cache_dir: Path, feature_cache_dir: Path, scans: list[Pat
 
     processor = MriVolumeEvalProcessor(image_size=CONCURRENT_SIZE, cache_dir=volume_cache_dir)
     datasets = {"cohort": {"train": SimpleNamespace(vis_processor=processor, records=[(None, scan) for scan in scans])}}
-    if barrier is not None:
-        barrier.wait()  # both processes miss, build and write every entry at the same time
+    if barrier is not None:  # each build waits for the other process's: both miss and write every entry at once
+        get_or_build = processor.cache.get_or_build
+        processor.cache.get_or_build = lambda source, build: get_or_build(source, together(build, barrier))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DegenerateVolumeWarning)
         result = warm_cache(datasets, workers=0)
@@ -293,11 +294,18 @@ def fill_caches(volume_cache_dir: Path, feature_cache_dir: Path, scans: list[Pat
 
     encoder, volumes = feature_cache_inputs()
     cache = VisionFeatureCache(feature_cache_dir, encoder)
-    if barrier is not None:
-        barrier.wait()
+    encode = lambda batch: encoder(batch.reshape(len(batch), -1, 8))  # noqa: E731
     for volume in volumes:
-        cache.tokens(volume[None], lambda batch: encoder(batch.reshape(len(batch), -1, 8)))
+        cache.tokens(volume[None], encode if barrier is None else together(encode, barrier))
     return processor.cache.misses, cache.misses
+
+
+def together(build, barrier):
+    """``build`` that first waits until the other process is building the same entry."""
+    def build_together(*args):
+        barrier.wait(timeout=120)
+        return build(*args)
+    return build_together
 
 
 def _fill_caches_in_child(volume_cache_dir: Path, feature_cache_dir: Path, scans: list[Path], barrier, builds) -> None:
@@ -360,7 +368,7 @@ def test_two_processes_warming_one_volume_cache_leave_only_complete_entries(conc
     assert filled.exit_codes == [0, 0] and filled.failures == []
     concurrent, single = tree(filled.volumes), tree(filled.single_volumes)
     assert len(single) == 2 * VOLUMES  # a .npy and a .json per scan
-    assert sum(volume_builds for volume_builds, _ in filled.builds) > VOLUMES  # both wrote some entries at once
+    assert [volume_builds for volume_builds, _ in filled.builds] == [VOLUMES, VOLUMES]  # both wrote every entry
     assert concurrent == single  # same names (no temporary files left) and the same bytes
     assert any('"NonFiniteVolumeWarning"' in text.decode() for name, text in single.items() if name.endswith(".json"))
     assert any(entry.parent.parent == filled.volumes for entry in filled.seen)  # the reader did read while writing
@@ -370,5 +378,5 @@ def test_two_processes_filling_one_feature_cache_leave_only_complete_entries(con
     filled = concurrently_filled
     assert filled.exit_codes == [0, 0] and filled.failures == []
     concurrent, single = tree(filled.features), tree(filled.single_features)
-    assert sum(feature_builds for _, feature_builds in filled.builds) > VOLUMES
+    assert [feature_builds for _, feature_builds in filled.builds] == [VOLUMES, VOLUMES]
     assert len(single) == VOLUMES and concurrent == single
