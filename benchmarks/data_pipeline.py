@@ -1,7 +1,11 @@
-"""Throughput and peak memory of the MRI volume pipeline vs. a naive loader, on real volumes.
+"""Throughput and peak memory of the MRI volume pipeline vs. a naive loader and the peers' loaders, on real volumes.
 
 * ``naive``    nibabel ``get_fdata()`` (float64) -> trilinear ``F.interpolate`` to S^3
                (ignores the aspect ratio, so no padding is needed);
+* ``monai``    MONAI's chain for the same output: ``LoadImage`` -> ``Orientation("RAS")`` ->
+               ``ScaleIntensityRangePercentiles(0.5, 99.5, clip)`` -> ``Resize(longest, trilinear)`` -> ``SpatialPad``;
+* ``torchio``  TorchIO's: ``ScalarImage`` -> ``ToCanonical`` -> ``RescaleIntensity(percentiles 0.5, 99.5)`` ->
+               ``Resize`` (aspect kept, linear) -> ``Pad`` (centred);
 * ``uncached`` ``mri_volume_eval`` without a cache;
 * ``cached``   ``mri_volume_eval`` with a warm cache (filled during the untimed warm-up);
                float16 entries, float32 output (both defaults);
@@ -25,8 +29,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
-METHODS = ("naive", "uncached", "cached", "cached8", "cached32", "cached16")
+import numpy as np
+
+METHODS = ("naive", "monai", "torchio", "uncached", "cached", "cached8", "cached32", "cached16")
+REFERENCE = "uncached"  # every other method's outputs are compared with ours (the peers' should match closely)
 
 
 def benchmark_files() -> list[Path]:
@@ -51,6 +59,53 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def monai_loader(image_size: int) -> Callable[[Path], "torch.Tensor"]:
+    from monai import transforms
+
+    chain = transforms.Compose([
+        transforms.LoadImage(image_only=True, ensure_channel_first=True, reader="NibabelReader"),
+        transforms.Orientation(axcodes="RAS"),
+        transforms.ScaleIntensityRangePercentiles(lower=0.5, upper=99.5, b_min=0.0, b_max=1.0, clip=True),
+        transforms.Resize(spatial_size=image_size, size_mode="longest", mode="trilinear"),
+        transforms.SpatialPad(spatial_size=(image_size,) * 3, method="symmetric"),
+        transforms.ToTensor(track_meta=False, dtype=np.float32),
+    ])
+    return lambda path: chain(str(path))
+
+
+def torchio_loader(image_size: int) -> Callable[[Path], "torch.Tensor"]:
+    import torchio
+
+    canonical_and_scaled = torchio.Compose([
+        torchio.ToCanonical(), torchio.RescaleIntensity(out_min_max=(0, 1), percentiles=(0.5, 99.5)),
+    ])
+
+    def load(path: Path) -> "torch.Tensor":
+        image = canonical_and_scaled(torchio.ScalarImage(path))
+        shape = np.asarray(image.spatial_shape, dtype=np.float64)
+        target = [int(round(n * image_size / shape.max())) for n in shape]  # aspect kept, as ours
+        image = torchio.Resize(target, image_interpolation="linear")(image)
+        before = [(image_size - n) // 2 for n in target]  # CropOrPad would put the odd voxel first; ours puts it last
+        padding = [side for n, ini in zip(target, before) for side in (ini, image_size - n - ini)]
+        image = torchio.Pad(padding)(image)
+        return image.data.float().clamp_(0.0, 1.0)  # linear resampling stays in [0, 1] up to rounding
+
+    return load
+
+
+PEER_LOADERS = {"monai": monai_loader, "torchio": torchio_loader}
+
+
+def output_path(cache_dir: str, method: str, index: int) -> Path:
+    return Path(cache_dir) / f"output_{method}_{index}.npy"
+
+
+def max_abs_difference(cache_dir: str, method: str, files: int) -> float:
+    """Largest voxel difference from our output over the benchmark files."""
+    return max(float(np.abs(np.load(output_path(cache_dir, method, index))
+                            - np.load(output_path(cache_dir, REFERENCE, index))).max()) for index in range(files))
+
+
 def run_worker(method: str, repeats: int, image_size: int, threads: int, cache_dir: str) -> dict:
     import nibabel as nib
     import torch
@@ -68,6 +123,8 @@ def run_worker(method: str, repeats: int, image_size: int, threads: int, cache_d
             data = torch.from_numpy(nib.load(path).get_fdata())  # float64
             return F.interpolate(data[None, None], size=(image_size,) * 3, mode="trilinear", align_corners=False)[0]
 
+    elif method in PEER_LOADERS:
+        load = PEER_LOADERS[method](image_size)
     else:
         cfg = {
             "image_size": image_size,
@@ -78,8 +135,9 @@ def run_worker(method: str, repeats: int, image_size: int, threads: int, cache_d
         load = registry.get_processor_class("mri_volume_eval").from_config(cfg)
 
     baseline_rss = peak_rss_mb()
-    for path in files:  # warm-up: page cache, lazy imports, and (for "cached*") the cache itself
+    for index, path in enumerate(files):  # warm-up: page cache, lazy imports, and (for "cached*") the cache itself
         volume = load(path)
+        np.save(output_path(cache_dir, method, index), volume.float().numpy())  # for the comparison with ours
     # The consumer: every voxel of every output is read (and written once), for every method
     # alike, and the output is dropped before the next load, as a DataLoader drops a collated sample.
     output = f"{tuple(volume.shape)} {volume.dtype}"
@@ -130,23 +188,30 @@ def main() -> None:
                 if completed.returncode != 0:
                     sys.exit(f"{method} worker failed:\n{completed.stderr}")
                 rounds[method].append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    results = {}
-    for method, runs in rounds.items():
-        best = max(runs, key=lambda r: r["volumes_per_s"])
-        results[method] = {**best, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                           "baseline_rss_mb": min(r["baseline_rss_mb"] for r in runs)}
+        results = {}
+        for method, runs in rounds.items():
+            best = max(runs, key=lambda r: r["volumes_per_s"])
+            results[method] = {**best, "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+                               "baseline_rss_mb": min(r["baseline_rss_mb"] for r in runs),
+                               "max_abs_diff": max_abs_difference(cache_dir, method, len(benchmark_files()))}
 
     files = ", ".join(path.name for path in benchmark_files())
     print(f"files: {files}; {args.repeats} repeats each, best of {args.rounds} rounds; "
           f"S={args.image_size}; torch threads={args.threads}")
-    print(f"{'method':<10}{'vol/s':>8}{'ms/vol':>9}{'speed-up':>10}{'peak RSS MB':>13}{'(above import)':>16}  output")
+    print(f"{'method':<10}{'vol/s':>8}{'ms/vol':>9}{'vs naive':>10}{'vs peers':>10}{'peak RSS MB':>13}"
+          f"{'(above import)':>16}{'max |diff|':>12}  output")
     naive_rate = results["naive"]["volumes_per_s"]
+    best_peer = max(PEER_LOADERS, key=lambda method: results[method]["volumes_per_s"])
     for method in METHODS:
         r = results[method]
         print(
             f"{method:<10}{r['volumes_per_s']:>8.2f}{r['ms_per_volume']:>9.1f}{r['volumes_per_s'] / naive_rate:>9.1f}x"
-            f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] - r['baseline_rss_mb']:>16.0f}  {r['output']}"
+            f"{r['volumes_per_s'] / results[best_peer]['volumes_per_s']:>9.1f}x"
+            f"{r['peak_rss_mb']:>13.0f}{r['peak_rss_mb'] - r['baseline_rss_mb']:>16.0f}{r['max_abs_diff']:>12.1e}"
+            f"  {r['output']}"
         )
+    print(f"vs peers: against the faster peer ({best_peer}); max |diff|: largest voxel difference from ours "
+          f"({REFERENCE}) over the files (the naive loader ignores the aspect ratio, so it differs by design)")
 
 
 if __name__ == "__main__":
