@@ -1,4 +1,4 @@
-"""Two processes on CPU (gloo): the ITC all-gather and a torchrun launch of the trainer."""
+"""Two processes on CPU (gloo): the ITC all-gather, a torchrun launch of the trainer, and sharded evaluation."""
 from __future__ import annotations
 
 import json
@@ -68,3 +68,33 @@ def test_torchrun_trains_on_two_cpu_processes_and_only_rank_0_writes(tmp_path):
     assert train_log[0]["train_world_size"] == 2
     assert train_log[0]["train_iters_per_epoch"] == 2 and train_log[0]["train_num_steps"] == 4
     assert sorted(path.name for path in job_dir.glob("*.pth")) == ["checkpoint_best.pth", "checkpoint_latest.pth"]
+
+
+def test_evaluation_on_two_cpu_processes_merges_the_shards_into_the_single_process_metrics(tmp_path):
+    # 7 cases: the distributed sampler pads rank 1's shard with a repeat, which the merge must drop
+    annotations = write_small_cohort(tmp_path / "cohort", {"test": 7})
+    runs = {}
+    for world_size in (1, 2):
+        config = {"model": {"arch": "medblip", "model_type": "tiny"},
+                  "datasets": dataset_config(annotations, ["test"]),
+                  "run": run_config(tmp_path / f"output_{world_size}", "medblip_classification", evaluate=True,
+                                    test_splits=["test"], distributed=world_size > 1, dist_url="env://")}
+        (tmp_path / f"eval_{world_size}.yaml").write_text(yaml.safe_dump(config))
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+        result = subprocess.run([torchrun, f"--nproc_per_node={world_size}", "--master_port=29518",
+                                 "-m", "lavis_medblip.evaluate", "--cfg-path", str(tmp_path / f"eval_{world_size}.yaml")],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        (job_dir,) = [path for path in (tmp_path / f"output_{world_size}").iterdir() if path.is_dir()]
+        runs[world_size] = {name: json.loads((job_dir / "result" / f"test_epochbest_{name}.json").read_text())
+                            for name in ("metrics", "predictions")}
+
+    one, two = runs[1], runs[2]
+    assert len(two["predictions"]) == 7 and one["metrics"]["num_samples"] == two["metrics"]["num_samples"] == 7
+    by_case = lambda rows: sorted(rows, key=lambda row: row["instance_id"])  # noqa: E731
+    for single, merged in zip(by_case(one["predictions"]), by_case(two["predictions"])):
+        assert single["instance_id"] == merged["instance_id"] and single["prediction"] == merged["prediction"]
+        assert merged["probs"] == pytest.approx(single["probs"], abs=1e-5)
+    assert two["metrics"]["confusion_matrix"] == one["metrics"]["confusion_matrix"]
+    for name in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+        assert two["metrics"][name] == pytest.approx(one["metrics"][name], abs=1e-6), name
