@@ -1,16 +1,21 @@
-"""Zero-shot diagnosis latency per case: ranking the 3 class answers vs generating an answer.
+"""Zero-shot diagnosis latency per case: ranking the 3 class answers vs generating an answer,
+then throughput at several batch sizes with the share of each part.
 
 * ``ranking``     ``predict_answers`` over the class answers (one LM pass over 3 candidate prompts);
-* ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8).
+* ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8);
+* ``throughput``  cases/s of ranking from the file (read, preprocess, model) at ``--batch-sizes``, and the
+                  share of the time in reading, preprocessing (template registration included), the vision
+                  encoder, the Q-Former and the LM. Needs ``--annotations`` (synthetic cases have no file).
 
 Cases and agreement: README, Design notes.
 
     python benchmarks/zeroshot.py [--cases 8] [--checkpoint .cache/demo/runs/.../checkpoint_best.pth]
-        [--annotations .cache/demo/cohort/test.jsonl]
+        [--annotations .cache/demo/cohort/test.jsonl] [--batch-sizes 1 4 16] [--throughput-cases 32]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -50,6 +55,64 @@ def annotated_cases(path: str, preprocess: OmegaConf, limit: int) -> list[dict]:
             for record in records]
 
 
+PARTS = ("read", "preprocess", "vision", "qformer", "lm")
+
+
+class PartTimer:
+    """Wall seconds spent in each part; the model's parts are timed by wrapping its own methods."""
+
+    def __init__(self, model: MedBLIP) -> None:
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+        self._wrap(model, "_vision_tokens", "vision")
+        self._wrap(model, "encode_queries", "qformer")
+        self._wrap(model.language_model, "score_answers", "lm")
+
+    @contextlib.contextmanager
+    def part(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] += time.perf_counter() - start
+
+    def _wrap(self, owner: object, method: str, name: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args, **kwargs):
+            with self.part(name):
+                return original(*args, **kwargs)
+        setattr(owner, method, timed)
+
+
+def throughput(model: MedBLIP, preprocess: OmegaConf, annotations: str, cases: int, batch_sizes: list[int],
+               answers: list[str]) -> None:
+    """Cases/s of ranking from the files at each batch size, and each part's share of the time."""
+    processor = registry.get_processor_class(preprocess.vis_processor.eval.name).from_config(
+        preprocess.vis_processor.eval)  # no cache: every case is read and preprocessed
+    text_processor = registry.get_processor_class(preprocess.text_processor.eval.name).from_config(
+        preprocess.text_processor.eval)
+    records = [record for record in read_annotations(annotations) if record.label is not None][:cases]
+    timer = PartTimer(model)
+    print(f"\nthroughput: ranking {len(answers)} answers from the files, {len(records)} cases, uncached "
+          f"preprocessing, torch threads {torch.get_num_threads()}")
+    print(f"{'batch':>5}{'cases/s':>9}{'ms/case':>9}  " + "".join(f"{part:>11}" for part in PARTS))
+    for batch_size in batch_sizes:
+        timer.seconds = dict.fromkeys(PARTS, 0.0)
+        start = time.perf_counter()
+        for first in range(0, len(records), batch_size):
+            batch = records[first:first + batch_size]
+            volumes = []
+            for record in batch:
+                with timer.part("read"):
+                    volume = processor.read(str(Path(annotations).parent / record.image))
+                with timer.part("preprocess"):
+                    volumes.append(processor.deviation(processor.transform(volume).data.to(processor.dtype)))
+            samples = {"image": torch.stack(volumes), "text_input": [text_processor(r.text) for r in batch]}
+            model.predict_answers(samples, answers)
+        seconds = time.perf_counter() - start
+        shares = "".join(f"{100 * timer.seconds[part] / seconds:>10.0f}%" for part in PARTS)
+        print(f"{batch_size:>5}{len(records) / seconds:>9.2f}{1000 * seconds / len(records):>9.0f}  {shares}")
+    print("shares: of the wall time at that batch size (the rest: collation, prompt building, calibration)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", type=int, default=8)
@@ -57,6 +120,8 @@ def main() -> None:
     parser.add_argument("--annotations", help="take the cases from this annotation file (default: synthetic)")
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="throughput batch sizes")
+    parser.add_argument("--throughput-cases", type=int, default=32, help="cases per throughput measurement")
     args = parser.parse_args()
 
     if args.threads:
@@ -111,6 +176,9 @@ def main() -> None:
     else:
         print("accuracy: against the synthetic labels (EHR scores follow the label; the volume is one template)")
     print(f"example generation: {texts[0]!r}")
+    if args.annotations:
+        throughput(model, demo_config.preprocess, args.annotations, args.throughput_cases, args.batch_sizes,
+                   class_answers)
 
 
 if __name__ == "__main__":
