@@ -23,6 +23,7 @@ from lavis.models.blip2_models.Qformer import BertLMHeadModel
 
 from lavis_medblip.models.calibration import Calibration
 from lavis_medblip.models.config import MODEL_TYPES, ComposedConfigPath, MedBLIPConfig, model_type_file
+from lavis_medblip.models.explain import explain as explain_relevance
 from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import LanguageModel
 from lavis_medblip.models.qformer import build_qformer, is_qformer_addition
@@ -313,6 +314,21 @@ class MedBLIP(Blip2Base):
                 **generate_kwargs,
             )
 
+    def score_candidates(self, samples: Mapping[str, Any], candidates: Sequence[Any]) -> tuple[torch.Tensor, list[list[str]]]:
+        """:meth:`predict_answers`' raw scores (B, C) and candidates per sample, with autograd as the caller has it."""
+        image, batch_size = samples["image"], samples["image"].shape[0]
+        per_sample = [list(candidates)] * batch_size if isinstance(candidates[0], str) else [list(c) for c in candidates]
+        num_candidates = len(per_sample[0])
+        if any(len(options) != num_candidates for options in per_sample) or len(per_sample) != batch_size:
+            raise ValueError("predict_answers needs the same number of candidates for every sample")
+        questions = self._questions(samples, batch_size)
+        prompt = self.language_model.build_batch(self._lm_prefix(image), self._prompt_ids(
+            samples["text_input"], questions), self.prompt_order, left_pad=True)
+        flat_candidates = [option for options in per_sample for option in options]
+        with self.maybe_autocast():  # each prompt runs once, its candidates share it (shared-prefix ranking)
+            total, count = self.language_model.score_answers(prompt, self._answer_ids(flat_candidates), num_candidates)
+        return (total / count.clamp(min=1)).view(batch_size, num_candidates), per_sample
+
     @torch.no_grad()
     def predict_answers(
         self, samples: Mapping[str, Any], candidates: Sequence[str] | Sequence[Sequence[str]], **kwargs: Any
@@ -324,25 +340,14 @@ class MedBLIP(Blip2Base):
             candidates: one list for the whole batch (e.g. class answers) or one list per sample (e.g.
                 multiple-choice options); every sample must have the same number of candidates.
         """
-        image = samples["image"]
-        batch_size = image.shape[0]
-        per_sample = [list(candidates)] * batch_size if isinstance(candidates[0], str) else [list(c) for c in candidates]
-        num_candidates = len(per_sample[0])
-        if any(len(options) != num_candidates for options in per_sample) or len(per_sample) != batch_size:
-            raise ValueError("predict_answers needs the same number of candidates for every sample")
-        questions = self._questions(samples, batch_size)
-        prefix = self._lm_prefix(image)
-
-        flat_candidates = [option for options in per_sample for option in options]
-        prompt = self.language_model.build_batch(
-            prefix, self._prompt_ids(samples["text_input"], questions), self.prompt_order, left_pad=True
-        )
-        with self.maybe_autocast():  # each prompt runs once, its candidates share it (shared-prefix ranking)
-            total, count = self.language_model.score_answers(prompt, self._answer_ids(flat_candidates), num_candidates)
-        scores = (total / count.clamp(min=1)).view(batch_size, num_candidates)
+        scores, per_sample = self.score_candidates(samples, candidates)
         logits = self.calibration.logits(scores, per_sample)  # the scores themselves when uncalibrated
         best = logits.argmax(dim=1).tolist()
-        return CandidateRanking(scores, logits.softmax(dim=1), [per_sample[i][best[i]] for i in range(batch_size)])
+        return CandidateRanking(scores, logits.softmax(dim=1), [options[i] for options, i in zip(per_sample, best)])
+
+    def explain(self, samples: Mapping[str, Any], answer: Any = None, method: str = "gradient", **kwargs: Any) -> torch.Tensor:
+        """Relevance maps (B, S, S, S) of an answer (default: the predicted class's); see :mod:`~.explain`."""
+        return explain_relevance(self, samples, answer=answer, method=method, **kwargs)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from lavis_medblip.processors.transforms import (
     Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ResampleToFieldOfView, ScaleIntensityPercentiles,
     ToCanonicalRAS, head_centre_mm, quantiles_within,
 )
-from lavis_medblip.processors.volume_types import Volume
+from lavis_medblip.processors.volume_types import TemplateAlignment, Volume
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,9 @@ class RegisterToTemplate:
         with torch.no_grad():
             grid = F.affine_grid(theta, list(moving.shape), align_corners=False)
             aligned = F.grid_sample(moving, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
-        return replace(volume, data=quantiles_within(aligned, reference.brain_mask), affine=reference.affine.copy())
+        alignment = TemplateAlignment(theta=theta[0].double().numpy(), subject_affine=np.asarray(volume.affine).copy())
+        return replace(volume, data=quantiles_within(aligned, reference.brain_mask), affine=reference.affine.copy(),
+                       template_alignment=alignment)
 
     def fit(self, moving: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The affine (1, 3, 4) in ``affine_grid``'s normalised coordinates that maps ``fixed`` onto ``moving``.

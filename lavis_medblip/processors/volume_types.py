@@ -184,6 +184,18 @@ def check_claim_fits_file(path: Union[str, os.PathLike], shape: Sequence[int], d
                                     f"only {file_bytes:,} bytes: a truncated or header-only file")
 
 
+@dataclass(frozen=True)
+class TemplateAlignment:
+    """What :class:`~lavis_medblip.processors.template.RegisterToTemplate` did, kept so that a map on its output
+    (template space) can be carried back to the scan: output voxel ``p`` sampled the subject's cube at
+    ``theta @ [p, 1]``, both in ``F.affine_grid``'s normalised (x, y, z) = (last, middle, first axis)
+    coordinates with ``align_corners=False``; ``subject_affine`` maps that cube's voxels to the scan's world mm.
+    """
+
+    theta: np.ndarray  # (3, 4)
+    subject_affine: np.ndarray  # (4, 4)
+
+
 @dataclass
 class Volume:
     """A 3D image travelling through the pipeline.
@@ -201,6 +213,8 @@ class Volume:
     channel_first: bool = False
     # The DegenerateVolumeWarnings emitted on the way, for the cache to store with its entry.
     notes: tuple[DegenerateVolumeNote, ...] = ()
+    # Set by RegisterToTemplate: then ``affine`` is the template grid's, and this leads back to the scan's world.
+    template_alignment: Union[TemplateAlignment, None] = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
