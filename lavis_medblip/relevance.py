@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from lavis_medblip.assets import CEREBRA_LABEL_TABLE, CEREBRA_LABELS
 from lavis_medblip.inference import Prediction, Predictor
+from lavis_medblip.processors.readers import scan_name
 from lavis_medblip.processors.transforms import EnsureVolume3D
 from lavis_medblip.processors.volume_types import TemplateAlignment, degenerate_volume_warnings
 
@@ -188,6 +189,16 @@ def top_regions(shares: dict[str, float], count: int = TOP_REGIONS) -> list[tupl
 def format_regions(regions: Sequence[tuple[str, float]]) -> str:
     """``"Left Hippocampus 0.121; Right Lateral Ventricle 0.080"``: the results CSV's ``top_regions`` column."""
     return "; ".join(f"{name} {share:.3f}" for name, share in regions)
+
+
+def relevance_path(directory: str | Path, case_id: str, make_folders: bool = False) -> Path:
+    """``directory/<id>_relevance.nii.gz``, the id without its volume suffix; folders in the id are kept, but
+    none may climb out of ``directory``."""
+    parts = [part for part in scan_name(case_id).replace("\\", "/").split("/") if part not in ("", ".", "..")]
+    path = Path(directory).joinpath(*parts[:-1], f"{parts[-1] if parts else 'scan'}_relevance.nii.gz")
+    if make_folders:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def atlas_affine_of(geometry: ScanGeometry) -> np.ndarray:

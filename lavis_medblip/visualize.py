@@ -26,13 +26,24 @@ def draw_confusion_matrix(axes, confusion: Mapping, title: str = "") -> None:
     axes.set_title(title, fontsize=9)
 
 
-def draw_slices(axes_triplet: Sequence, volume: np.ndarray, label: str = "") -> None:
-    """Sagittal, coronal and axial middle slices of a (S, S, S) RAS volume."""
+def draw_slices(axes_triplet: Sequence, volume: np.ndarray, label: str = "", overlay: np.ndarray | None = None) -> None:
+    """Sagittal, coronal and axial middle slices of a (S, S, S) RAS volume.
+
+    With ``overlay`` (a non-negative map on the same grid, e.g. a relevance map) the slices go through its
+    maximum instead, and it is drawn on them in a heat colormap, transparent where it is below 5% of its maximum.
+    """
     volume = np.asarray(volume, dtype=np.float32)
     x, y, z = (size // 2 for size in volume.shape)
-    views = (("sagittal", volume[x, :, :].T), ("coronal", volume[:, y, :].T), ("axial", volume[:, :, z].T))
-    for axes, (name, image) in zip(axes_triplet, views):
-        axes.imshow(image, cmap="gray", origin="lower")
+    if overlay is not None:
+        overlay = np.asarray(overlay, dtype=np.float32)
+        x, y, z = np.unravel_index(int(np.argmax(overlay)), overlay.shape)
+        overlay = np.ma.masked_less(overlay, 0.05 * max(float(overlay.max()), 1e-12))
+    for axes, (name, index) in zip(axes_triplet, (("sagittal", (x, slice(None), slice(None))),
+                                                  ("coronal", (slice(None), y, slice(None))),
+                                                  ("axial", (slice(None), slice(None), z)))):
+        axes.imshow(volume[index].T, cmap="gray", origin="lower")
+        if overlay is not None:
+            axes.imshow(overlay[index].T, cmap="hot", origin="lower", alpha=0.6, vmin=0.0, vmax=float(overlay.max()))
         axes.set_title(f"{label} {name}".strip(), fontsize=9)
         axes.axis("off")
 
@@ -102,12 +113,14 @@ def plot_confusion_matrix(confusion: Mapping, path: str | Path, title: str = "")
 
 
 def plot_volume_report(
-    volume: np.ndarray, probabilities: Sequence[float], class_names: Sequence[str], path: str | Path, title: str = ""
+    volume: np.ndarray, probabilities: Sequence[float], class_names: Sequence[str], path: str | Path, title: str = "",
+    overlay: np.ndarray | None = None,
 ) -> Path:
-    """Three orthogonal slices and the class probabilities, in one PNG."""
+    """Three orthogonal slices (with ``overlay``, through its maximum and with it drawn on them, see
+    :func:`draw_slices`) and the class probabilities, in one PNG."""
     figure = Figure(figsize=(13, 3.4))
     axes = figure.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.2]})
-    draw_slices(axes[:3], volume)
+    draw_slices(axes[:3], volume, "relevance," if overlay is not None else "", overlay)
     draw_probabilities(axes[3], probabilities, class_names)
     figure.suptitle(title, fontsize=10)
     return _save(figure, path)

@@ -11,6 +11,9 @@ Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation]
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --image scans_dir/ --output results.csv
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --csv cases.csv --output results.csv
 
+``--relevance DIR`` writes each case's relevance map (``DIR/<id>_relevance.nii.gz``, the scan's grid and affine; with
+``--report``, drawn on the slices) and a ``top_regions`` column: :mod:`lavis_medblip.relevance`.
+
 The probabilities, and what counts as a scan: :mod:`lavis_medblip.inference`. A checkpoint that holds a
 calibration (``checkpoint_calibrated.pth`` of a run with ``run.calibration_split``) gives calibrated probabilities
 and predictions; ``--uncalibrated`` shows the raw ones.
@@ -30,7 +33,7 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -51,6 +54,7 @@ from lavis_medblip.models.calibration import Calibration
 from lavis_medblip.models.weights import CheckpointError
 from lavis_medblip.processors.dicom import is_dicom_series
 from lavis_medblip.processors.volume_types import VolumeReadError
+from lavis_medblip.relevance import explain_scan, format_regions, relevance_path
 from lavis_medblip.storage import atomic_file
 from lavis_medblip.visualize import plot_volume_report
 
@@ -58,9 +62,23 @@ from lavis_medblip.visualize import plot_volume_report
 # ---- running ----------------------------------------------------------------------------------------
 
 
-def result_columns(classes: Sequence[str], explain: bool) -> list[str]:
+def result_columns(classes: Sequence[str], explain: bool, relevance: bool = False) -> list[str]:
     return (["id", "image", "prediction", "answer"] + [f"p_{code}" for code in classes]
-            + (["explanation"] if explain else []) + ["error", "warning"])
+            + (["explanation"] if explain else []) + (["top_regions"] if relevance else []) + ["error", "warning"])
+
+
+@dataclass
+class RelevanceOutput:
+    """``--relevance DIR``: each diagnosed case's map as ``DIR/<id>_relevance.nii.gz``, and its top regions."""
+
+    directory: Path
+    method: str = "gradient"
+
+    def write(self, predictor: Predictor, case: Case, prediction: Prediction) -> Any:
+        """Explain ``prediction`` of ``case`` and write the map; returns the ``ScanRelevance``."""
+        relevance = explain_scan(predictor, case.path, case.text, self.method, answer=prediction.answer)
+        relevance.image.to_filename(str(relevance_path(self.directory, case.case_id, make_folders=True)))
+        return relevance
 
 
 def result_row(case: Case, prediction: Prediction | None = None, error: str = "", warning: str = "") -> dict[str, str]:
@@ -73,14 +91,15 @@ def result_row(case: Case, prediction: Prediction | None = None, error: str = ""
     return row
 
 
-def results_writer(predictor: Predictor, output: TextIO) -> csv.DictWriter:
-    writer = csv.DictWriter(output, fieldnames=result_columns(predictor.classes, predictor.explain), restval="")
+def results_writer(predictor: Predictor, output: TextIO, relevance: bool = False) -> csv.DictWriter:
+    writer = csv.DictWriter(output, fieldnames=result_columns(predictor.classes, predictor.explain, relevance),
+                            restval="")
     writer.writeheader()
     return writer
 
 
-def write_rows(predictor: Predictor, output: TextIO, rows: Sequence[dict[str, str]]) -> int:
-    results_writer(predictor, output).writerows(rows)
+def write_rows(predictor: Predictor, output: TextIO, rows: Sequence[dict[str, str]], relevance: bool = False) -> int:
+    results_writer(predictor, output, relevance).writerows(rows)
     return len(rows)
 
 
@@ -105,13 +124,14 @@ class PredictionStopped(Exception):
         super().__init__(f"cannot read scan {errors[0]}{others}; stopped with {diagnosed} of {total} scans diagnosed")
 
 
-def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch_size: int, on_error: str) -> Tally:
-    """Write one result row per case to ``output``.
+def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch_size: int, on_error: str,
+              relevance: RelevanceOutput | None = None) -> Tally:
+    """Write one result row per case to ``output`` (and with ``relevance`` each diagnosed case's map).
 
     With ``on_error="raise"`` the batch holding the first unreadable scan is still read and scored
     whole, its diagnosed rows written, and then :class:`PredictionStopped` names every failure in it.
     """
-    writer = results_writer(predictor, output)
+    writer = results_writer(predictor, output, relevance is not None)
     tally = Tally()
     with tqdm(total=len(cases), unit="scan", desc="diagnosing", file=sys.stderr) as progress:
         for batch in batches(cases, batch_size):
@@ -125,6 +145,9 @@ def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch
             rows = [result_row(case, predictions[index], warning=scan.warning) if index in predictions
                     else result_row(case, error=str(scan.error))
                     for index, (case, scan) in enumerate(zip(batch, scans))]
+            for index, prediction in predictions.items() if relevance is not None else ():
+                explained = relevance.write(predictor, batch[index], prediction)
+                rows[index]["top_regions"] = format_regions(explained.top_regions)
             for scan in scans:
                 if scan.error is not None:
                     progress.write(f"could not read {scan.error}", file=sys.stderr)
@@ -157,7 +180,8 @@ def write_results(path: Path | None, write: Callable[[TextIO], Written]) -> Writ
         return write(output)
 
 
-def run_single(predictor: Predictor, case: Case, report: Path | None, output: TextIO) -> dict[str, str]:
+def run_single(predictor: Predictor, case: Case, report: Path | None, output: TextIO,
+               relevance: RelevanceOutput | None = None) -> dict[str, str]:
     """Print the diagnosis of one scan and return its results row (raises ``VolumeReadError`` naming the file)."""
     scan = predictor.read(case)
     if scan.error is not None:
@@ -173,12 +197,19 @@ def run_single(predictor: Predictor, case: Case, report: Path | None, output: Te
         print(f"  {code:<4} {answer:<{width}}  {prediction.probabilities[code]:.4f}", file=output)
     if prediction.explanation is not None:
         print(f"explanation: {prediction.explanation}", file=output)
+    explained = None if relevance is None else relevance.write(predictor, case, prediction)
+    if explained is not None:
+        print(f"relevance ({explained.method}, of {explained.answer!r}): {relevance_path(relevance.directory, case.case_id)}"
+              f"\ntop regions: {format_regions(explained.top_regions[:5])}", file=output)
     if report is not None:
         probabilities = [prediction.probabilities[code] for code in predictor.classes]
         title = f"{Path(case.image).name}: {prediction.code} ({prediction.answer}), p={max(probabilities):.2f}"
-        plot_volume_report(scan.volume[0].float().cpu().numpy(), probabilities, predictor.classes, report, title)
+        overlay = None if explained is None else explained.model_space.numpy()  # both on the model's grid
+        plot_volume_report(scan.volume[0].float().cpu().numpy(), probabilities, predictor.classes, report, title,
+                           overlay)
         print(f"report: {report}", file=output)
-    return result_row(case, prediction, warning=scan.warning)
+    row = result_row(case, prediction, warning=scan.warning)
+    return row if explained is None else {**row, "top_regions": format_regions(explained.top_regions)}
 
 
 def summary(tally: Tally, total: int, output: Path | None, skipped_rows: int) -> str:
@@ -239,7 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="results CSV (id,image,prediction,answer,p_<class>...,error,warning), replaced only "
                               "when the run succeeds; for a folder or --csv the default is stdout, for one scan "
                               "the default is none")
-    outputs.add_argument("--report", type=Path, help="one scan only: write a PNG with slices and probabilities")
+    outputs.add_argument("--report", type=Path, help="one scan only: write a PNG with slices (with --relevance, "
+                                                      "the map on them) and probabilities")
+    outputs.add_argument("--relevance", type=Path, metavar="DIR",
+                         help="write each case's relevance map as DIR/<id>_relevance.nii.gz (the scan's grid and "
+                              "affine) and add a top_regions column (CerebrA regions, share of the relevance)")
+    outputs.add_argument("--relevance-method", choices=("gradient", "attention"), default="gradient",
+                         help="gradient x input of the predicted answer's score (default), or Q-Former attention")
     outputs.add_argument("--batch-size", type=int, default=4, help="scans per forward pass (default: 4)")
     outputs.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                          help="a scan that cannot be read, or a --csv row with a missing or extra field: 'skip' "
@@ -310,18 +347,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif not model.calibration.is_identity:
         print(f"calibrated probabilities: {model.calibration.describe()}; --uncalibrated for the raw ones",
               file=sys.stderr)
+    relevance = None if args.relevance is None else RelevanceOutput(args.relevance, args.relevance_method)
+    if relevance is not None and not model.config.uses_image:
+        print(f"error: --relevance needs a model that reads images (prompt_order {model.config.prompt_order})",
+              file=sys.stderr)
+        return 2
     predictor = Predictor(model, volume_processor, text_processor, args.classes, device, question=args.question,
                           explain=args.explain, explain_question=args.explain_question,
                           max_new_tokens=args.max_new_tokens)
 
     try:
         if single:
-            row = run_single(predictor, cases[0], args.report, sys.stdout)
+            row = run_single(predictor, cases[0], args.report, sys.stdout, relevance)
             if args.output is not None:
-                write_results(args.output, lambda output: write_rows(predictor, output, [row]))
+                write_results(args.output, lambda output: write_rows(predictor, output, [row], relevance is not None))
             return 0
         tally = write_results(args.output,
-                              lambda output: run_batch(predictor, cases, output, args.batch_size, args.on_error))
+                              lambda output: run_batch(predictor, cases, output, args.batch_size, args.on_error,
+                                                       relevance))
     except VolumeReadError as error:
         print(f"error: cannot read scan {error}", file=sys.stderr)
         return 1
