@@ -3,7 +3,7 @@ PYTHON := .venv/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo app clean
 
 setup:
 	bash scripts/bootstrap.sh
@@ -16,6 +16,9 @@ test-fast: setup
 
 demo: setup
 	$(PYTHON) -m lavis_medblip.demo
+
+app: setup
+	$(PYTHON) -m lavis_medblip.app
 
 clean:
 	rm -rf .venv .cache

@@ -44,7 +44,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["lavis_medblip", "lavis_medblip.*", "dataset_builders", "dataset_builders.*"]),
     py_modules=["lavis_medblip_autoregister"],
-    package_data={"lavis_medblip": ["models/configs/*.yaml", "assets/*", "assets/**/*", "configs/**/*.yaml"]},
+    package_data={"lavis_medblip": ["models/configs/*.yaml", "assets/*", "assets/**/*", "configs/**/*.yaml",
+                                    "app/static/*", "app/static/**/*"]},
     install_requires=[
         # salesforce-lavis==1.0.2 is required too, installed with --no-deps (see above).
         "torch>=2.1",
@@ -61,7 +62,10 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "nilearn", "pydicom", "gguf"], "gguf": ["gguf"], "dicom": ["pydicom"]},
+    extras_require={"test": ["pytest", "nilearn", "pydicom", "gguf", "fastapi", "uvicorn", "python-multipart", "httpx",
+                             "playwright"],
+                    "gguf": ["gguf"], "dicom": ["pydicom"],
+                    "app": ["fastapi", "uvicorn", "python-multipart"]},  # the web app (python -m lavis_medblip.app)
     cmdclass={"build_py": BuildPyWithStartupHook},
     entry_points={
         "console_scripts": [
@@ -69,6 +73,7 @@ setup(
             "medblip-evaluate=lavis_medblip.cli.evaluate:main",
             "medblip-predict=lavis_medblip.cli.predict:main",
             "medblip-warm-cache=lavis_medblip.cli.warm_cache:main",
+            "medblip-app=lavis_medblip.app.cli:main",
         ]
     },
 )

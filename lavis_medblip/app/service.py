@@ -1,0 +1,424 @@
+"""What the web app does, without the web: take an uploaded scan and EHR fields, diagnose it one model pass at
+a time, and keep the results (scan for the viewer, report, relevance map) for the page to fetch.
+
+The model is the predict CLI's (:func:`lavis_medblip.inference.load_config`, :func:`~lavis_medblip.inference.load_model`,
+:class:`~lavis_medblip.inference.Predictor`): the same case gives the same probabilities in both.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TypeVar
+
+from lavis_medblip.annotations.ehr import describe_ehr, sex_of
+
+#: What an upload may be, by its name's ending; a .zip holds one DICOM series (or one volume file).
+UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh", ".npy", ".zip")
+#: Suffixes NiiVue reads itself; other uploads are shown as the NIfTI the readers make of them.
+VIEWER_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+DEFAULT_MAX_UPLOAD_MB = 512
+KEPT_RESULTS = 32  # the oldest results' files are deleted beyond this many
+MAKE_DEMO_HINT = ("no model loaded: the default is the demo model, whose checkpoint is missing; run `make demo` "
+                  "first (about 12 minutes on a CPU), or start the app with --model-type tiny (untrained weights)")
+
+#: EHR form field -> (annotation schema key, lowest, highest); see :data:`lavis_medblip.annotations.schema.EHR_FIELDS`.
+EHR_FORM_FIELDS = {"age": ("age", 0, 130), "education": ("education_years", 0, 40), "mmse": ("mmse", 0, 30),
+                   "cdr": ("cdr_global", 0, 3)}
+
+
+class InputProblem(ValueError):
+    """A request the app cannot serve; ``status`` is its HTTP status (4xx), the message names the problem."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NoModel(InputProblem):
+    def __init__(self, message: str = MAKE_DEMO_HINT) -> None:
+        super().__init__(message, status=503)
+
+
+def ehr_text(fields: Mapping[str, str | None], free_text: str | None = None) -> str:
+    """The EHR sentence the model reads: ``free_text`` when given, else :func:`describe_ehr` of the form fields
+    (``age``, ``sex``, ``education``, ``mmse``, ``cdr``; blank ones left out), as the cohort builders write it."""
+    if free_text and free_text.strip():
+        return free_text.strip()
+    record: dict[str, Any] = {}
+    for name, (key, low, high) in EHR_FORM_FIELDS.items():
+        raw = (fields.get(name) or "").strip()
+        if not raw:
+            continue
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InputProblem(f"EHR field {name}: {raw!r} is not a number") from None
+        if not low <= value <= high:
+            raise InputProblem(f"EHR field {name}: {raw} is outside {low} to {high}")
+        record[key] = value
+    sex = (fields.get("sex") or "").strip()
+    if sex:
+        if sex_of(sex) is None:
+            raise InputProblem(f"EHR field sex: {sex!r} is not one of F, M (female, male)")
+        record["sex"] = sex
+    return describe_ehr(record) if record else ""
+
+
+def relevance_methods() -> tuple[str, ...]:
+    from lavis_medblip.models.explain import METHODS
+
+    return METHODS
+
+
+def upload_suffix(filename: str) -> str:
+    """The upload's suffix from :data:`UPLOAD_SUFFIXES` (lower case), or :class:`InputProblem` naming the file."""
+    name = filename.lower()
+    for suffix in UPLOAD_SUFFIXES:
+        if name.endswith(suffix):
+            return suffix
+    raise InputProblem(f"{filename}: unsupported file type; upload a NIfTI (.nii, .nii.gz), MGH/MGZ, .npy, "
+                       "or a .zip of one DICOM series", status=415)
+
+
+def unpack_zip(archive: Path, folder: Path, filename: str, max_bytes: int) -> Path:
+    """The one scan (DICOM-series folder or volume file) inside ``archive``, unpacked into ``folder``."""
+    from lavis_medblip.inference import find_scans
+
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [member for member in zipped.infolist() if not member.is_dir()]
+            if sum(member.file_size for member in members) > max_bytes:
+                raise InputProblem(f"{filename}: unpacks to more than the {max_bytes // 2**20} MB limit", status=413)
+            for member in members:
+                target = (folder / member.filename).resolve()
+                if not target.is_relative_to(folder.resolve()):
+                    raise InputProblem(f"{filename}: member {member.filename!r} points outside the archive")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zipped.open(member) as source, open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, OSError) as error:
+        raise InputProblem(f"{filename}: not a readable .zip ({error})") from None
+    scans = find_scans(folder)
+    if len(scans) != 1:
+        found = "no scan" if not scans else f"{len(scans)} scans ({', '.join(p.relative_to(folder).as_posix() for p in scans[:4])})"
+        raise InputProblem(f"{filename}: the .zip holds {found}; it must hold one DICOM series")
+    return scans[0]
+
+
+@dataclass
+class Result:
+    """One diagnosed scan, kept for the page's follow-up requests."""
+
+    id: str
+    folder: Path
+    filename: str
+    scan: Path  # what the processor read (a file or a DICOM folder)
+    text: str
+    volume: Any  # the processed (1, S, S, S) tensor, for the report
+    probabilities: dict[str, float]
+    prediction: str
+    answer: str
+    explanation: str | None = None
+    warning: str = ""
+    relevance: Path | None = None
+    top_regions: list[tuple[str, float]] = field(default_factory=list)
+    relevance_method: str | None = None
+    relevance_cube: Any = None  # the map on the model input's grid (the report's overlay)
+    timings: dict[str, float] = field(default_factory=dict)
+    example: str | None = None
+    _viewer: Path | None = None
+
+    def response(self) -> dict[str, Any]:
+        return {"id": self.id, "filename": self.filename, "text": self.text, "prediction": self.prediction,
+                "answer": self.answer, "probabilities": self.probabilities, "explanation": self.explanation,
+                "warning": self.warning or None, "top_regions": [[name, share] for name, share in self.top_regions],
+                "relevance_id": self.id if self.relevance is not None else None,
+                "relevance_method": self.relevance_method, "timings": self.timings, "example": self.example,
+                "scan_url": f"api/scan/{self.id}", "scan_name": self.viewer_name,
+                "report_url": f"api/report/{self.id}",
+                "relevance_url": f"api/relevance/{self.id}" if self.relevance is not None else None}
+
+    @property
+    def viewer_name(self) -> str:
+        suffix = next((s for s in VIEWER_SUFFIXES if self.scan.name.lower().endswith(s)), None)
+        return f"scan{suffix}" if suffix else "scan.nii.gz"
+
+
+Returned = TypeVar("Returned")
+
+
+@dataclass
+class ModelInfo:
+    model_type: str | None
+    checkpoint: str | None
+    problem: str | None = None  # why no model is loaded
+    no_relevance: str | None = None  # why there are no relevance maps
+
+
+class Service:
+    """The app's state: one predictor, one model-pass queue, the kept results.
+
+    ``predictor`` None serves the page and every request that needs no model; a prediction is then an HTTP 503
+    saying how to get a model (:data:`MAKE_DEMO_HINT`). ``relevance`` (``explain_scan`` of
+    :mod:`lavis_medblip.relevance`) makes the relevance map; None leaves it out.
+    """
+
+    def __init__(self, predictor: Any | None, info: ModelInfo, *, cohort: Path | None = None,
+                 max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 2**20, workdir: Path | None = None,
+                 relevance: Callable[..., Any] | None = None, relevance_method: str = "gradient") -> None:
+        self.predictor, self.info = predictor, info
+        self.cohort = cohort if cohort is not None and (cohort / "test.jsonl").is_file() else None
+        self.max_upload_bytes = max_upload_bytes
+        self.relevance, self.relevance_method = relevance, relevance_method
+        self._own_workdir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="medblip-app-")) if workdir is None else workdir
+        self.results: OrderedDict[str, Result] = OrderedDict()
+        self._results_lock = threading.Lock()
+        # One model pass at a time, in arrival order: a queue with one worker.
+        self._model_queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medblip-model")
+        self._in_flight, self.max_in_flight, self.model_passes = 0, 0, 0
+        self._examples: list[dict[str, Any]] | None = None
+
+    def close(self) -> None:
+        self._model_queue.shutdown(wait=True, cancel_futures=True)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def status(self) -> dict[str, Any]:
+        predictor = self.predictor
+        calibration = getattr(getattr(predictor, "model", None), "calibration", None)
+        return {"ready": predictor is not None, "problem": self.info.problem, "model_type": self.info.model_type,
+                "checkpoint": self.info.checkpoint, "classes": list(predictor.classes) if predictor else [],
+                "answers": list(predictor.answers) if predictor else [],
+                "explain_question": predictor.explain_question if predictor else None,
+                "calibrated": bool(calibration is not None and not calibration.is_identity),
+                "relevance": self.relevance is not None, "no_relevance": self.info.no_relevance,
+                "relevance_methods": list(relevance_methods()) if self.relevance else [],
+                "relevance_method": self.relevance_method if self.relevance else None,
+                "examples": self.cohort is not None,
+                "max_upload_mb": self.max_upload_bytes / 2**20, "model_passes": self.model_passes,
+                "max_concurrent_model_passes": self.max_in_flight}
+
+    # ---- the model queue ------------------------------------------------------------------------------
+
+    def _serialised(self, work: Callable[[], Returned]) -> Callable[[], Returned]:
+        def run() -> Returned:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            try:
+                return work()
+            finally:
+                self._in_flight -= 1
+                self.model_passes += 1
+        return run
+
+    async def on_model(self, work: Callable[[], Returned]) -> Returned:
+        """Run ``work`` (a model pass) on the queue's one worker; waits its turn without blocking the server."""
+        return await asyncio.wrap_future(self._model_queue.submit(self._serialised(work)))
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def new_folder(self) -> tuple[str, Path]:
+        result_id = uuid.uuid4().hex[:16]
+        folder = self.workdir / result_id
+        folder.mkdir(parents=True)
+        return result_id, folder
+
+    def scan_in_upload(self, upload: Path, filename: str, folder: Path) -> Path:
+        """The path the processor reads for an upload saved at ``upload`` (a .zip is unpacked first)."""
+        if upload_suffix(filename) == ".zip":
+            return unpack_zip(upload, folder / "unpacked", filename, self.max_upload_bytes)
+        return upload
+
+    async def diagnose(self, scan: Path, filename: str, text: str, folder: Path, result_id: str, *,
+                       explain: bool = False, relevance: bool = True, method: str | None = None,
+                       example: str | None = None, started: float | None = None) -> Result:
+        """Read, diagnose and (when available) explain one scan; raises :class:`InputProblem` for bad input."""
+        from starlette.concurrency import run_in_threadpool
+
+        from lavis_medblip.inference import Case
+
+        predictor = self.predictor
+        if predictor is None:
+            raise NoModel(self.info.problem or MAKE_DEMO_HINT)
+        method = method or self.relevance_method
+        if method not in relevance_methods():
+            raise InputProblem(f"unknown relevance method {method!r}; choose from {list(relevance_methods())}")
+        started = time.perf_counter() if started is None else started
+        timings: dict[str, float] = {}
+        case = Case(case_id=result_id, image=filename, path=scan, text=text)
+        read = await run_in_threadpool(predictor.read, case)
+        if read.error is not None:
+            raise InputProblem(f"{filename}: {read.error.problem.replace(str(scan), filename)}")
+        timings["read"] = time.perf_counter() - started
+
+        asking = replace(predictor, explain=True) if explain else predictor
+        start = time.perf_counter()
+        (prediction,) = await self.on_model(lambda: asking.predict([read.volume], [text]))
+        timings["model"] = time.perf_counter() - start
+
+        result = Result(id=result_id, folder=folder, filename=filename, scan=scan, text=text, volume=read.volume,
+                        probabilities=prediction.probabilities, prediction=prediction.code, answer=prediction.answer,
+                        explanation=prediction.explanation, warning=read.warning, example=example)
+        if relevance and self.relevance is not None:
+            start = time.perf_counter()
+            try:
+                explained = await self.on_model(lambda: self.relevance(predictor, scan, text, method=method,
+                                                                       answer=prediction.answer))
+            except ValueError as error:  # the diagnosis stands; the page says why there is no map
+                result.warning = "; ".join(filter(None, [result.warning, f"no relevance map: {error}"]))
+            else:
+                result.relevance = folder / "relevance.nii.gz"
+                await run_in_threadpool(explained.image.to_filename, str(result.relevance))
+                result.top_regions = [(str(name), float(share)) for name, share in explained.top_regions]
+                result.relevance_method = explained.method
+                result.relevance_cube = explained.model_space
+            timings["relevance"] = time.perf_counter() - start
+        else:
+            timings["relevance"] = 0.0
+        timings["total"] = time.perf_counter() - started
+        result.timings = {name: round(seconds, 4) for name, seconds in timings.items()}
+        self.keep(result)
+        return result
+
+    def keep(self, result: Result) -> None:
+        with self._results_lock:
+            self.results[result.id] = result
+            while len(self.results) > KEPT_RESULTS:
+                _, old = self.results.popitem(last=False)
+                shutil.rmtree(old.folder, ignore_errors=True)
+
+    def result(self, result_id: str) -> Result:
+        with self._results_lock:
+            found = self.results.get(result_id)
+        if found is None:
+            raise InputProblem(f"no result {result_id!r} (results are kept for the last {KEPT_RESULTS} scans)", 404)
+        return found
+
+    # ---- what the page fetches ------------------------------------------------------------------------
+
+    def viewer_file(self, result: Result) -> Path:
+        """The scan as NiiVue reads it: the upload itself when NiiVue reads its format, else a NIfTI of it."""
+        if result.scan.name.lower().endswith(VIEWER_SUFFIXES):
+            return result.scan
+        if result._viewer is None:
+            import nibabel as nib
+            import numpy as np
+
+            from lavis_medblip.processors.readers import load_volume
+
+            volume = load_volume(result.scan)
+            data = np.asarray(volume.data)
+            if getattr(volume, "channel_first", False) and data.ndim == 4:
+                data = data[0]
+            path = result.folder / "scan.nii.gz"
+            nib.save(nib.Nifti1Image(data.astype(np.float32), volume.affine), path)
+            result._viewer = path
+        return result._viewer
+
+    def report(self, result: Result) -> Path:
+        from lavis_medblip.visualize import plot_volume_report
+
+        path = result.folder / "report.png"
+        if not path.exists():
+            classes = list(result.probabilities)
+            probabilities = [result.probabilities[code] for code in classes]
+            title = f"{result.filename}: {result.prediction} ({result.answer}), p={max(probabilities):.2f}"
+            overlay = None if result.relevance_cube is None else result.relevance_cube.float().cpu().numpy()
+            plot_volume_report(result.volume[0].float().cpu().numpy(), probabilities, classes, path, title,
+                               overlay)  # the relevance drawn on the slices through its maximum, as predict --report
+        return path
+
+    def examples(self) -> list[dict[str, Any]]:
+        """Held-out-site subjects of the demo cohort, two per class (none without a cohort)."""
+        if self.cohort is None:
+            return []
+        if self._examples is None:
+            chosen: list[dict[str, Any]] = []
+            for line in (self.cohort / "test.jsonl").read_text().splitlines():
+                record = json.loads(line)
+                if sum(1 for other in chosen if other["label"] == record["label"]) < 2:
+                    ehr = record.get("ehr") or {}
+                    chosen.append({"id": record["subject_id"], "label": record["label"], "site": record.get("site"),
+                                   "text": record.get("text", ""), "image": record["image"],
+                                   "ehr": {"age": ehr.get("age"), "sex": ehr.get("sex"),
+                                           "education": ehr.get("education_years"), "mmse": ehr.get("mmse"),
+                                           "cdr": ehr.get("cdr_global")}})
+            self._examples = sorted(chosen, key=lambda example: ("NC", "MCI", "AD").index(example["label"])
+                                    if example["label"] in ("NC", "MCI", "AD") else 9)
+        return self._examples
+
+    def example(self, example_id: str) -> dict[str, Any]:
+        found = next((example for example in self.examples() if example["id"] == example_id), None)
+        if found is None:
+            raise InputProblem(f"no demo example {example_id!r}" + ("" if self.cohort else
+                               " (no demo cohort: run `make demo` first)"), status=404)
+        return found
+
+
+def find_demo_checkpoint(root: Path = Path(".cache/demo")) -> Path | None:
+    """The demo's trained image + text checkpoint: the calibrated one of its evaluation run when there, else the
+    training run's latest (layout: :class:`lavis_medblip.cli.demo.Demo`)."""
+    for run, name in (("image_text_eval", "checkpoint_calibrated.pth"), ("image_text", "checkpoint_latest.pth")):
+        folder = root / "runs" / run
+        candidates = sorted(folder.glob(f"*/{name}")) if folder.is_dir() else []
+        if candidates:
+            return candidates[-1]
+    return None
+
+
+def relevance_for(predictor: Any) -> tuple[Callable[..., Any] | None, str | None]:
+    """``explain_scan`` of :mod:`lavis_medblip.relevance` for ``predictor``'s model, or None and why not (a model
+    whose prompt has no image has no relevance map)."""
+    from lavis_medblip.relevance import explain_scan
+
+    if not predictor.model.config.uses_image:
+        return None, "this model's prompt has no image, so it has no relevance map"
+    return explain_scan, None
+
+
+def load_service(model_type: str | None = None, checkpoint: str | None = None, options: Sequence[str] = (),
+                 device: str | None = None, *, demo_root: Path = Path(".cache/demo"),
+                 max_upload_mb: float | None = None, relevance: bool = True,
+                 relevance_method: str = "gradient") -> Service:
+    """The service of a model loaded as the predict CLI loads it.
+
+    ``model_type`` None is the demo model with :func:`find_demo_checkpoint`; when that is missing the service has
+    no model (its ``info.problem`` says to run ``make demo``). A bad ``model_type``, ``options`` or checkpoint is a
+    ``ValueError``.
+    """
+    from lavis_medblip.annotations.schema import CLASS_NAMES
+    from lavis_medblip.inference import Predictor, default_device, load_config, load_model
+    from lavis_medblip.models.weights import CheckpointError
+
+    if relevance_method not in relevance_methods():
+        raise ValueError(f"unknown relevance method {relevance_method!r}; choose from {list(relevance_methods())}")
+
+    limits = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 2**20)}
+    cohort = demo_root / "cohort"
+    if model_type is None:
+        found = find_demo_checkpoint(demo_root)
+        if checkpoint is None and found is None:
+            return Service(None, ModelInfo(None, None, MAKE_DEMO_HINT), cohort=cohort, **limits)
+        model_type, checkpoint = "demo", checkpoint or str(found)
+    config = load_config(model_type, options)
+    device = device or default_device()
+    try:
+        model, volume_processor, text_processor = load_model(config, checkpoint, device)
+    except CheckpointError as error:
+        raise ValueError(f"cannot load the checkpoint {error}") from None
+    predictor = Predictor(model, volume_processor, text_processor, list(CLASS_NAMES), device)
+    explain_scan, no_relevance = relevance_for(predictor) if relevance else (None, "relevance maps are switched off")
+    return Service(predictor, ModelInfo(model_type, None if checkpoint is None else str(checkpoint),
+                                        no_relevance=no_relevance),
+                   cohort=cohort, relevance=explain_scan, relevance_method=relevance_method, **limits)
