@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
+import shutil
 import socket
 import threading
 import time
@@ -20,7 +22,7 @@ from omegaconf import OmegaConf
 
 from lavis_medblip.annotations.ehr import describe_ehr
 from lavis_medblip.app.server import create_app
-from lavis_medblip.app.service import MAKE_DEMO_HINT, find_demo_checkpoint, load_service
+from lavis_medblip.app.service import MAKE_DEMO_HINT, Service, find_demo_checkpoint, load_service
 from lavis_medblip.assets import ICBM_T1
 from lavis_medblip.cli.predict import main as predict_main
 from lavis_medblip.models import MedBLIP
@@ -210,6 +212,26 @@ def test_two_concurrent_clients_of_a_live_server_each_get_their_own_answer(serve
     assert answers[0].json()["id"] != answers[1].json()["id"]
     status = httpx.get(f"{server}/api/status").json()
     assert status["max_concurrent_model_passes"] == 1 and status["model_passes"] >= before + 2
+
+
+def test_demo_cohort_examples_are_one_request_away(service, files, tmp_path):
+    cohort = tmp_path / "cohort"
+    (cohort / "images").mkdir(parents=True)
+    shutil.copy(files["small"], cohort / "images" / "site-0001.nii.gz")
+    record = {"image": "images/site-0001.nii.gz", "subject_id": "site-0001", "label": "AD", "site": "siteD",
+              "text": EHR, "ehr": {"age": 75, "sex": "F", "education_years": 12, "mmse": 24, "cdr_global": 0.5}}
+    (cohort / "test.jsonl").write_text(json.dumps(record) + "\n")
+    with_cohort = Service(service.predictor, service.info, cohort=cohort)
+    try:
+        client = TestClient(create_app(with_cohort))
+        (example,) = client.get("/api/examples").json()
+        assert example["id"] == "site-0001" and example["ehr"]["mmse"] == 24 and "image" not in example
+        answer = client.post("/api/examples/site-0001/predict?relevance=false").json()
+        assert answer["example"] == "site-0001" and answer["text"] == EHR and answer["filename"] == "site-0001.nii.gz"
+        response = client.post("/api/examples/nobody/predict")
+        assert response.status_code == 404 and "nobody" in response.json()["detail"]
+    finally:
+        with_cohort.close()
 
 
 def test_without_the_demo_checkpoint_the_app_serves_the_hint(tmp_path):
