@@ -68,6 +68,7 @@ class ScanRelevance:
     prediction: Prediction | None = None  # the predictor's diagnosis of the scan
     warning: str = ""  # "; "-joined DegenerateVolumeWarning messages
     region_shares: dict[str, float] = field(default_factory=dict)  # every region with relevance
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: read (and preprocess), predict, relevance, mapping
 
 
 def read_scan(processor: Any, path: str | Path) -> tuple[torch.Tensor, ScanGeometry, str]:
@@ -227,13 +228,22 @@ def explain_scan(predictor: Predictor, scan_path: str | Path, text: str, method:
     if not model.config.uses_image:
         raise ValueError(f"this model's prompt has no image (prompt_order {list(model.config.prompt_order)}), "
                          "so it has no relevance map")
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        timings[name] = time.perf_counter() - start - sum(timings.values())
+
     cube, geometry, warning = read_scan(predictor.volume_processor, scan_path)
+    lap("read")
     (prediction,) = predictor.predict([cube], [text])
+    lap("predict")
     answer = prediction.answer if answer is None else answer
     samples = predictor.samples([cube], [text], predictor.question)
     cube_map = model.explain(samples, answer=answer, method=method)[0].cpu()
+    lap("relevance")
     shares = region_shares(cube_map, atlas_affine_of(geometry))
     image = relevance_nifti(to_scan_grid(cube_map, geometry), geometry)
+    lap("mapping")
     return ScanRelevance(image=image, model_space=cube_map, top_regions=top_regions(shares), answer=answer,
                          method=method, seconds=time.perf_counter() - start, prediction=prediction,
-                         warning=warning, region_shares=shares)
+                         warning=warning, region_shares=shares, timings=timings)

@@ -178,7 +178,7 @@ def test_explain_scan_answers_on_the_scans_grid(tiny_model, oblique_scan):
     predictor = Predictor(tiny_model, processors["eval"], texts["eval"], ["NC", "MCI", "AD"], "cpu")
     result = explain_scan(predictor, path, EHR, method="attention")
     assert isinstance(result, ScanRelevance) and result.method == "attention" and result.seconds > 0
-    assert result.answer == result.prediction.answer
+    assert result.answer == result.prediction.answer and set(result.timings) == {"read", "predict", "relevance", "mapping"}
     assert result.image.shape == nib.load(path).shape and np.allclose(result.image.affine, nib.load(path).affine)
     assert result.model_space.shape == (32, 32, 32) and len(result.top_regions) == 10
     named = explain_scan(predictor, path, EHR, answer="Alzheimer's disease")
