@@ -117,6 +117,8 @@ def test_good_upload_answers_with_probabilities_timings_and_the_files_it_names(c
     scan = nib.load(files["small"])
     assert image.shape == scan.shape and np.allclose(image.affine, scan.affine)  # on the scan's own grid
     assert 1 <= len(answer["top_regions"]) <= 10 and all(0 < share <= 1 for _, share in answer["top_regions"])
+    peak = np.unravel_index(np.argmax(image.get_fdata()), image.shape)  # where the viewer's crosshair starts
+    assert answer["relevance_peak_mm"] == pytest.approx(list((image.affine @ [*peak, 1])[:3]), abs=0.01)
     assert client.get("/docs").status_code == 200 and "/api/predict" in client.get("/openapi.json").json()["paths"]
 
 

@@ -74,6 +74,15 @@ def ehr_text(fields: Mapping[str, str | None], free_text: str | None = None) -> 
     return describe_ehr(record) if record else ""
 
 
+def peak_mm(image: Any) -> list[float]:
+    """World coordinates (mm) of the largest voxel of a NIfTI image."""
+    import numpy as np
+
+    data = np.asanyarray(image.dataobj)
+    voxel = np.unravel_index(int(np.argmax(data)), data.shape)
+    return [round(float(value), 2) for value in (image.affine @ np.array([*voxel, 1.0]))[:3]]
+
+
 def relevance_methods() -> tuple[str, ...]:
     from lavis_medblip.models.explain import METHODS
 
@@ -134,6 +143,7 @@ class Result:
     top_regions: list[tuple[str, float]] = field(default_factory=list)
     relevance_method: str | None = None
     relevance_cube: Any = None  # the map on the model input's grid (the report's overlay)
+    relevance_peak_mm: list[float] | None = None  # world coordinates of the map's maximum (the viewer's crosshair)
     timings: dict[str, float] = field(default_factory=dict)
     example: str | None = None
     _viewer: Path | None = None
@@ -143,7 +153,8 @@ class Result:
                 "answer": self.answer, "probabilities": self.probabilities, "explanation": self.explanation,
                 "warning": self.warning or None, "top_regions": [[name, share] for name, share in self.top_regions],
                 "relevance_id": self.id if self.relevance is not None else None,
-                "relevance_method": self.relevance_method, "timings": self.timings, "example": self.example,
+                "relevance_method": self.relevance_method, "relevance_peak_mm": self.relevance_peak_mm,
+                "timings": self.timings, "example": self.example,
                 "scan_url": f"api/scan/{self.id}", "scan_name": self.viewer_name,
                 "report_url": f"api/report/{self.id}",
                 "relevance_url": f"api/relevance/{self.id}" if self.relevance is not None else None}
@@ -283,6 +294,7 @@ class Service:
                 result.top_regions = [(str(name), float(share)) for name, share in explained.top_regions]
                 result.relevance_method = explained.method
                 result.relevance_cube = explained.model_space
+                result.relevance_peak_mm = peak_mm(explained.image)
             timings["relevance"] = time.perf_counter() - start
         else:
             timings["relevance"] = 0.0
@@ -388,17 +400,17 @@ def relevance_for(predictor: Any) -> tuple[Callable[..., Any] | None, str | None
 
 
 def load_service(model_type: str | None = None, checkpoint: str | None = None, options: Sequence[str] = (),
-                 device: str | None = None, *, demo_root: Path = Path(".cache/demo"),
+                 device: str | None = None, *, demo_root: Path = Path(".cache/demo"), bundle: str | None = None,
                  max_upload_mb: float | None = None, relevance: bool = True,
                  relevance_method: str = "gradient") -> Service:
     """The service of a model loaded as the predict CLI loads it.
 
-    ``model_type`` None is the demo model with :func:`find_demo_checkpoint`; when that is missing the service has
-    no model (its ``info.problem`` says to run ``make demo``). A bad ``model_type``, ``options`` or checkpoint is a
-    ``ValueError``.
+    ``bundle``: a model bundle folder instead (:func:`~lavis_medblip.inference.model_source`). Neither: the demo model
+    with :func:`find_demo_checkpoint`; when that is missing the service has no model (its ``info.problem`` says to run
+    ``make demo``). A bad ``model_type``, ``options``, checkpoint or bundle is a ``ValueError``.
     """
     from lavis_medblip.annotations.schema import CLASS_NAMES
-    from lavis_medblip.inference import Predictor, default_device, load_config, load_model
+    from lavis_medblip.inference import Predictor, default_device, load_model, model_source
     from lavis_medblip.models.weights import CheckpointError
 
     if relevance_method not in relevance_methods():
@@ -406,19 +418,19 @@ def load_service(model_type: str | None = None, checkpoint: str | None = None, o
 
     limits = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 2**20)}
     cohort = demo_root / "cohort"
-    if model_type is None:
+    if model_type is None and bundle is None:
         found = find_demo_checkpoint(demo_root)
         if checkpoint is None and found is None:
             return Service(None, ModelInfo(None, None, MAKE_DEMO_HINT), cohort=cohort, **limits)
         model_type, checkpoint = "demo", checkpoint or str(found)
-    config = load_config(model_type, options)
     device = device or default_device()
     try:
+        config, checkpoint = model_source(model_type, checkpoint, bundle, options)
         model, volume_processor, text_processor = load_model(config, checkpoint, device)
     except CheckpointError as error:
         raise ValueError(f"cannot load the checkpoint {error}") from None
     predictor = Predictor(model, volume_processor, text_processor, list(CLASS_NAMES), device)
     explain_scan, no_relevance = relevance_for(predictor) if relevance else (None, "relevance maps are switched off")
-    return Service(predictor, ModelInfo(model_type, None if checkpoint is None else str(checkpoint),
+    return Service(predictor, ModelInfo(model_type or config.model.model_type, checkpoint and str(checkpoint),
                                         no_relevance=no_relevance),
                    cohort=cohort, relevance=explain_scan, relevance_method=relevance_method, **limits)

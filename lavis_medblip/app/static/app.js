@@ -66,6 +66,7 @@ async function showScan(result) {
   if (result.relevance_url && nv.volumes.length > 1) {
     const overlay = nv.volumes[1];
     overlay.cal_min = overlay.robust_max ? 0.25 * overlay.robust_max : overlay.cal_min;  // hide the faint tail
+    if (result.relevance_peak_mm) nv.scene.crosshairPos = nv.mm2frac(result.relevance_peak_mm);  // at the maximum
     nv.updateGLVolume();
   }
   nv.setSliceType(Number($("layout").value));
