@@ -104,7 +104,7 @@ def test_good_upload_answers_with_probabilities_timings_and_the_files_it_names(c
     assert list(answer["probabilities"]) == ["NC", "MCI", "AD"]
     assert sum(answer["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert answer["prediction"] == max(answer["probabilities"], key=answer["probabilities"].get)
-    assert set(answer["timings"]) == {"read", "model", "relevance", "total"}
+    assert set(answer["timings"]) == {"read", "queue", "model", "relevance", "total"}
     assert answer["timings"]["total"] >= answer["timings"]["read"] + answer["timings"]["model"]
 
     scan = client.get(f"/api/scan/{answer['id']}")
@@ -189,7 +189,7 @@ def test_two_concurrent_clients_of_a_live_server_each_get_their_own_answer(serve
     cases = [(files["small"], {"text": "A 90-year-old male. MMSE 12, CDR 2."}), (files["small"], {"text": ""})]
     with httpx.Client(base_url=server, timeout=60) as alone:
         expected = [alone.post("/api/predict", files=upload(path), data=data).json() for path, data in cases]
-        before = alone.get("/api/status").json()["model_passes"]
+        before = alone.get("/api/status").json()["queue_jobs"]
     assert expected[0]["probabilities"] != expected[1]["probabilities"]
 
     answers: list = [None, None]
@@ -213,7 +213,8 @@ def test_two_concurrent_clients_of_a_live_server_each_get_their_own_answer(serve
         assert answer["probabilities"] == pytest.approx(alone["probabilities"], abs=1e-6)
     assert answers[0].json()["id"] != answers[1].json()["id"]
     status = httpx.get(f"{server}/api/status").json()
-    assert status["max_concurrent_model_passes"] == 1 and status["model_passes"] >= before + 2
+    # each request: read, model pass, relevance map, all on the one queue, never two at once
+    assert status["max_concurrent_queue_jobs"] == 1 and status["queue_jobs"] == before + 6
 
 
 def test_demo_cohort_examples_are_one_request_away(service, files, tmp_path):

@@ -195,9 +195,9 @@ class Service:
         self.workdir = Path(tempfile.mkdtemp(prefix="medblip-app-")) if workdir is None else workdir
         self.results: OrderedDict[str, Result] = OrderedDict()
         self._results_lock = threading.Lock()
-        # One model pass at a time, in arrival order: a queue with one worker.
+        # One job at a time (reading a scan, a model pass, a relevance map), in arrival order: a queue with one worker.
         self._model_queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medblip-model")
-        self._in_flight, self.max_in_flight, self.model_passes = 0, 0, 0
+        self._in_flight, self.max_in_flight, self.jobs_done = 0, 0, 0
         self._examples: list[dict[str, Any]] | None = None
 
     def close(self) -> None:
@@ -217,8 +217,8 @@ class Service:
                 "relevance_methods": list(relevance_methods()) if self.relevance else [],
                 "relevance_method": self.relevance_method if self.relevance else None,
                 "examples": self.cohort is not None,
-                "max_upload_mb": self.max_upload_bytes / 2**20, "model_passes": self.model_passes,
-                "max_concurrent_model_passes": self.max_in_flight}
+                "max_upload_mb": self.max_upload_bytes / 2**20, "queue_jobs": self.jobs_done,
+                "max_concurrent_queue_jobs": self.max_in_flight}
 
     # ---- the model queue ------------------------------------------------------------------------------
 
@@ -230,12 +230,32 @@ class Service:
                 return work()
             finally:
                 self._in_flight -= 1
-                self.model_passes += 1
+                self.jobs_done += 1
         return run
 
-    async def on_model(self, work: Callable[[], Returned]) -> Returned:
-        """Run ``work`` (a model pass) on the queue's one worker; waits its turn without blocking the server."""
-        return await asyncio.wrap_future(self._model_queue.submit(self._serialised(work)))
+    async def on_model(self, work: Callable[[], Returned], timings: dict[str, float] | None = None,
+                       step: str = "") -> Returned:
+        """Run ``work`` on the queue's one worker; waits its turn without blocking the server.
+
+        With ``timings``, adds the seconds ``work`` ran to ``timings[step]`` and the seconds it waited to
+        ``timings["queue"]``.
+        """
+        submitted = time.perf_counter()
+        ran: list[float] = []
+
+        def timed() -> Returned:
+            start = time.perf_counter()
+            try:
+                return work()
+            finally:
+                ran[:] = [start - submitted, time.perf_counter() - start]
+
+        try:
+            return await asyncio.wrap_future(self._model_queue.submit(self._serialised(timed)))
+        finally:
+            if timings is not None and ran:
+                timings["queue"] = timings.get("queue", 0.0) + ran[0]
+                timings[step] = timings.get(step, 0.0) + ran[1]
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -266,38 +286,38 @@ class Service:
         if method not in relevance_methods():
             raise InputProblem(f"unknown relevance method {method!r}; choose from {list(relevance_methods())}")
         started = time.perf_counter() if started is None else started
-        timings: dict[str, float] = {}
+        # reading counts from the request's start (the upload saved, a .zip unpacked)
+        timings: dict[str, float] = {"read": time.perf_counter() - started, "queue": 0.0}
         case = Case(case_id=result_id, image=filename, path=scan, text=text)
-        read = await run_in_threadpool(predictor.read, case)
+        # Reading goes through the queue too: the processors collect their warnings with warnings.catch_warnings,
+        # which is process-wide state that two threads must not enter at once.
+        read = await self.on_model(lambda: predictor.read(case), timings, "read")
         if read.error is not None:
             raise InputProblem(f"{filename}: {read.error.problem.replace(str(scan), filename)}")
-        timings["read"] = time.perf_counter() - started
 
         asking = replace(predictor, explain=True) if explain else predictor
-        start = time.perf_counter()
-        (prediction,) = await self.on_model(lambda: asking.predict([read.volume], [text]))
-        timings["model"] = time.perf_counter() - start
+        (prediction,) = await self.on_model(lambda: asking.predict([read.volume], [text]), timings, "model")
 
         result = Result(id=result_id, folder=folder, filename=filename, scan=scan, text=text, volume=read.volume,
                         probabilities=prediction.probabilities, prediction=prediction.code, answer=prediction.answer,
                         explanation=prediction.explanation, warning=read.warning, example=example)
         if relevance and self.relevance is not None:
-            start = time.perf_counter()
             try:
                 explained = await self.on_model(lambda: self.relevance(predictor, scan, text, method=method,
-                                                                       answer=prediction.answer))
+                                                                       answer=prediction.answer),
+                                                timings, "relevance")
             except ValueError as error:  # the diagnosis stands; the page says why there is no map
                 result.warning = "; ".join(filter(None, [result.warning, f"no relevance map: {error}"]))
             else:
                 result.relevance = folder / "relevance.nii.gz"
+                start = time.perf_counter()
                 await run_in_threadpool(explained.image.to_filename, str(result.relevance))
+                timings["relevance"] += time.perf_counter() - start
                 result.top_regions = [(str(name), float(share)) for name, share in explained.top_regions]
                 result.relevance_method = explained.method
                 result.relevance_cube = explained.model_space
                 result.relevance_peak_mm = peak_mm(explained.image)
-            timings["relevance"] = time.perf_counter() - start
-        else:
-            timings["relevance"] = 0.0
+        timings.setdefault("relevance", 0.0)
         timings["total"] = time.perf_counter() - started
         result.timings = {name: round(seconds, 4) for name, seconds in timings.items()}
         self.keep(result)

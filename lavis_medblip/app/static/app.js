@@ -121,9 +121,10 @@ function showResult(result) {
        (result.relevance_url ? "(no atlas regions)" : "(no relevance map asked for, or none from this app)"), true);
   const timings = $("timings");
   timings.replaceChildren();
-  const names = { read: "read and preprocess", model: "model", relevance: "relevance map", total: "total (server)" };
+  const names = { read: "read and preprocess", model: "model", relevance: "relevance map",
+                  queue: "waiting for other scans", total: "total (server)" };
   for (const [key, label] of Object.entries(names)) {
-    if (!(key in result.timings)) continue;
+    if (!(key in result.timings) || (key === "queue" && result.timings.queue < 0.01)) continue;
     const row = document.createElement("tr");
     row.innerHTML = `<td>${label}</td><td>${result.timings[key].toFixed(2)} s</td>`;
     timings.append(row);
