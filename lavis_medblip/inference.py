@@ -1,5 +1,6 @@
 """Diagnose scans from Python: find them (:func:`cases_from_folder`, :func:`cases_from_csv`), load a
-model type with its checkpoint (:func:`load_config`, :func:`load_model`), and ask it (:class:`Predictor`).
+model type with its checkpoint or a bundle folder (:func:`model_source`, :func:`load_model`), and ask it
+(:class:`Predictor`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
 from lavis_medblip.annotations.schema import CLASS_ANSWERS
-from lavis_medblip.models.config import MedBLIPConfig
+from lavis_medblip.models.bundle import merge_options, read_bundle_config
 from lavis_medblip.processors.dicom import is_dicom_series
 from lavis_medblip.processors.readers import has_volume_suffix, scan_name
 from lavis_medblip.processors.volume_types import VolumeReadError, degenerate_volume_warnings
@@ -212,20 +213,24 @@ def load_config(model_type: str, options: Sequence[str]) -> Any:
     model_types = sorted(model_class.PRETRAINED_MODEL_CONFIG_DICT)
     if model_type not in model_types:
         raise ValueError(f"unknown --model-type {model_type!r}; choose from {model_types}")
-    config = OmegaConf.load(model_class.default_config_path(model_type))
-    malformed = [option for option in options if "=" not in option]
-    if malformed:
-        raise ValueError(f"--options takes key=value pairs, got {malformed}")
-    config.model = OmegaConf.merge(config.model, OmegaConf.from_dotlist(list(options)))
-    try:
-        MedBLIPConfig.from_dict(config.model)
-    except ValueError as error:
-        raise ValueError(f"--options {list(options)}: {error}") from None
-    return config
+    return merge_options(OmegaConf.load(model_class.default_config_path(model_type)), options)
+
+
+def model_source(model_type: str | None, checkpoint: str | None, bundle: str | os.PathLike | None,
+                 options: Sequence[str]) -> tuple[Any, str | None]:
+    """The config and the weights :func:`load_model` takes: a bundle folder's (its ``config.yaml``, and the
+    folder), or a model type's YAML (:func:`load_config`) and ``checkpoint``; ``options`` apply to either.
+
+    A bad bundle is a :class:`~lavis_medblip.models.weights.CheckpointError` naming the file.
+    """
+    if bundle is not None:
+        return read_bundle_config(bundle, options), str(bundle)
+    return load_config(model_type, options), checkpoint
 
 
 def load_model(config: Any, checkpoint: str | None, device: str) -> tuple[Any, Any, Any]:
-    """Model (eval mode, on ``device``), eval volume processor and eval text processor."""
+    """Model (eval mode, on ``device``), eval volume processor and eval text processor; ``checkpoint``: a ``.pth``
+    or a bundle folder."""
     model = registry.get_model_class(DEFAULT_MODEL).from_config(config.model)
     if checkpoint:
         model.load_checkpoint(checkpoint)

@@ -5,6 +5,7 @@ trained image + text model (``make demo``'s calibrated checkpoint); without it t
 how to make it, and ``--model-type tiny`` serves untrained weights. Other models::
 
     python -m lavis_medblip.app --model-type biomedlm_lora --checkpoint ckpt.pth --options lm.model=/models/BioMedLM
+    python -m lavis_medblip.app --model bundles/demo    # a model bundle folder (save_pretrained, lavis_medblip.export)
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-type", help="registered MedBLIP model type (default: demo, with the demo's "
                                              "checkpoint when `make demo` has made it)")
     parser.add_argument("--checkpoint", help="trained checkpoint (.pth); default with the demo model: the demo's")
+    parser.add_argument("--model", metavar="DIR", help="a model bundle folder (its config, weights and calibration), "
+                                                       "instead of --model-type/--checkpoint")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
                         help="override model config keys, as the predict CLI's --options")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.model is not None and (args.model_type is not None or args.checkpoint is not None):
+        parser.error("--model is a bundle folder with its own config and weights: not with --model-type/--checkpoint")
 
     import uvicorn
 
@@ -49,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         service = load_service(args.model_type, args.checkpoint, args.options, args.device, demo_root=args.demo_root,
+                               bundle=args.model,
                                max_upload_mb=args.max_upload_mb, relevance=not args.no_relevance,
                                relevance_method=args.relevance_method)
     except ValueError as error:

@@ -420,17 +420,17 @@ def relevance_for(predictor: Any) -> tuple[Callable[..., Any] | None, str | None
 
 
 def load_service(model_type: str | None = None, checkpoint: str | None = None, options: Sequence[str] = (),
-                 device: str | None = None, *, demo_root: Path = Path(".cache/demo"),
+                 device: str | None = None, *, demo_root: Path = Path(".cache/demo"), bundle: str | None = None,
                  max_upload_mb: float | None = None, relevance: bool = True,
                  relevance_method: str = "gradient") -> Service:
     """The service of a model loaded as the predict CLI loads it.
 
-    ``model_type`` None is the demo model with :func:`find_demo_checkpoint`; when that is missing the service has
-    no model (its ``info.problem`` says to run ``make demo``). A bad ``model_type``, ``options`` or checkpoint is a
-    ``ValueError``.
+    ``bundle``: a model bundle folder instead (:func:`~lavis_medblip.inference.model_source`). Neither: the demo model
+    with :func:`find_demo_checkpoint`; when that is missing the service has no model (its ``info.problem`` says to run
+    ``make demo``). A bad ``model_type``, ``options``, checkpoint or bundle is a ``ValueError``.
     """
     from lavis_medblip.annotations.schema import CLASS_NAMES
-    from lavis_medblip.inference import Predictor, default_device, load_config, load_model
+    from lavis_medblip.inference import Predictor, default_device, load_model, model_source
     from lavis_medblip.models.weights import CheckpointError
 
     if relevance_method not in relevance_methods():
@@ -438,19 +438,19 @@ def load_service(model_type: str | None = None, checkpoint: str | None = None, o
 
     limits = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 2**20)}
     cohort = demo_root / "cohort"
-    if model_type is None:
+    if model_type is None and bundle is None:
         found = find_demo_checkpoint(demo_root)
         if checkpoint is None and found is None:
             return Service(None, ModelInfo(None, None, MAKE_DEMO_HINT), cohort=cohort, **limits)
         model_type, checkpoint = "demo", checkpoint or str(found)
-    config = load_config(model_type, options)
     device = device or default_device()
     try:
+        config, checkpoint = model_source(model_type, checkpoint, bundle, options)
         model, volume_processor, text_processor = load_model(config, checkpoint, device)
     except CheckpointError as error:
         raise ValueError(f"cannot load the checkpoint {error}") from None
     predictor = Predictor(model, volume_processor, text_processor, list(CLASS_NAMES), device)
     explain_scan, no_relevance = relevance_for(predictor) if relevance else (None, "relevance maps are switched off")
-    return Service(predictor, ModelInfo(model_type, None if checkpoint is None else str(checkpoint),
+    return Service(predictor, ModelInfo(model_type or config.model.model_type, checkpoint and str(checkpoint),
                                         no_relevance=no_relevance),
                    cohort=cohort, relevance=explain_scan, relevance_method=relevance_method, **limits)

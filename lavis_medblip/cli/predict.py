@@ -11,6 +11,10 @@ Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation]
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --image scans_dir/ --output results.csv
     python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --csv cases.csv --output results.csv
 
+A model bundle folder (:mod:`lavis_medblip.models.bundle`) replaces ``--model-type``/``--checkpoint``::
+
+    python -m lavis_medblip.predict --model bundles/demo --image scan.nii.gz --text "75-year-old female, MMSE 24"
+
 ``--relevance DIR`` writes each case's relevance map (``DIR/<id>_relevance.nii.gz``, the scan's grid and affine; with
 ``--report``, drawn on the slices) and a ``top_regions`` column: :mod:`lavis_medblip.relevance`.
 
@@ -47,8 +51,8 @@ from lavis_medblip.inference import (
     cases_from_folder,
     default_device,
     find_scans,
-    load_config,
     load_model,
+    model_source,
 )
 from lavis_medblip.models.calibration import Calibration
 from lavis_medblip.models.weights import CheckpointError
@@ -236,9 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
                "Example: python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth "
                "--image scan.nii.gz --text '75-year-old female, MMSE 24, CDR 0.5'",
     )
-    model = parser.add_argument_group("model")
-    model.add_argument("--model-type", required=True,
+    model = parser.add_argument_group("model (--model-type [--checkpoint], or --model)")
+    which = model.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model-type",
                        help="registered MedBLIP model type, e.g. biomedlm_lora, biogpt_lora, flant5xl_lora, demo, tiny")
+    which.add_argument("--model", type=Path, metavar="DIR",
+                       help="a model bundle folder (save_pretrained, python -m lavis_medblip.export, or a Hugging Face "
+                            "snapshot): its config, trained weights and calibration; not with --checkpoint")
     model.add_argument("--checkpoint", help="trained checkpoint (.pth) of the model's trainable parameters")
     model.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE", action="extend",
                        help="override model config keys, e.g. lm.model=/models/BioMedLM qformer.bert=/models/bert "
@@ -287,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.model is not None and args.checkpoint is not None:
+        parser.error("--checkpoint goes with --model-type; a --model folder holds its own weights")
     args.classes = list(args.classes or CLASS_NAMES)
     unknown = [code for code in args.classes if code not in CLASS_NAMES]
     if unknown or len(set(args.classes)) != len(args.classes) or len(args.classes) < 2:
@@ -333,12 +343,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{args.csv}: no usable rows ({len(skipped_rows)} skipped)")
 
     try:
-        config = load_config(args.model_type, args.options)
+        config, weights = model_source(args.model_type, args.checkpoint, args.model, args.options)
     except ValueError as error:
         parser.error(str(error))
+    except CheckpointError as error:
+        print(f"error: cannot load the model bundle {error}", file=sys.stderr)
+        return 1
     device = args.device or default_device()
     try:
-        model, volume_processor, text_processor = load_model(config, args.checkpoint, device)
+        model, volume_processor, text_processor = load_model(config, weights, device)
     except CheckpointError as error:
         print(f"error: cannot load the checkpoint {error}", file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from lavis.models.blip2_models.Qformer import BertLMHeadModel
 
+from lavis_medblip.models.bundle import BundleMixin, is_bundle, read_model_file, required_file
 from lavis_medblip.models.calibration import Calibration
 from lavis_medblip.models.config import MODEL_TYPES, ComposedConfigPath, MedBLIPConfig, model_type_file
 from lavis_medblip.models.explain import explain as explain_relevance
@@ -28,7 +29,7 @@ from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import LanguageModel
 from lavis_medblip.models.qformer import build_qformer, is_qformer_addition
 from lavis_medblip.models.vision_3d import build_vision_encoder, freeze_vit_blocks
-from lavis_medblip.models.weights import check_fits, model_name, read_checkpoint, read_state_dict, state_dict_of
+from lavis_medblip.models.weights import check_fits, model_name, read_state_dict, state_dict_of
 from lavis_medblip.storage import atomic_save
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tens
 
 
 @registry.register_model("medblip")
-class MedBLIP(Blip2Base):
+class MedBLIP(BundleMixin, Blip2Base):
     """The MedBLIP model family; ``model_type`` picks the LM and whether it has LoRA::
 
         volume ─► 3D stem ─► frozen EVA ViT blocks ─► MedQFormer (queries) ─► projection ─► visual prefix
@@ -131,10 +132,10 @@ class MedBLIP(Blip2Base):
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def default_config_path(cls, model_type: str) -> ComposedConfigPath:
-        """The model type's YAML file, which ``OmegaConf.load`` (as every LAVIS loader) reads as the whole config.
-
-        The file holds only what differs from ``medblip_base.yaml``; see :class:`ComposedConfigPath`.
-        """
+        """The model type's YAML, the whole config when ``OmegaConf.load`` reads it (as every LAVIS loader does:
+        :class:`ComposedConfigPath`), or a bundle folder's ``config.yaml`` (``load_model_and_preprocess`` takes one)."""
+        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT and is_bundle(model_type):
+            return required_file(model_type, "config.yaml")
         if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
             available = list(cls.PRETRAINED_MODEL_CONFIG_DICT)
             raise ValueError(f"unknown medblip model type {model_type!r}. Available: {available}")
@@ -365,12 +366,10 @@ class MedBLIP(Blip2Base):
                      **self.calibration.checkpoint_entry()}, path)
 
     def load_checkpoint(self, url_or_filename: str) -> None:
-        """Load a checkpoint of trainable parameters (ours, or a LAVIS runner's).
-
-        Unexpected keys, missing trainable keys and shape mismatches are a :class:`CheckpointError` (see
-        :func:`check_fits`); frozen weights come from the backbones, the calibration from the checkpoint (or none).
-        """
-        checkpoint = read_checkpoint(url_or_filename, key="finetuned")
+        """Load a checkpoint of trainable parameters (ours, a LAVIS runner's, or a bundle folder's). Unexpected keys,
+        missing trainable keys and shape mismatches are a :class:`CheckpointError` (see :func:`check_fits`); frozen
+        weights come from the backbones, the calibration from the checkpoint (or none)."""
+        checkpoint, url_or_filename = read_model_file(url_or_filename)  # a bundle: its model.safetensors
         state_dict = state_dict_of(checkpoint, url_or_filename)
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         check_fits(url_or_filename, checkpoint, self.state_dict(), required=trainable,

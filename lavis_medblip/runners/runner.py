@@ -30,6 +30,8 @@ from lavis_medblip.storage import atomic_save
 from lavis_medblip.tasks.base import write_scalars
 
 logger = logging.getLogger(__name__)
+CHECKPOINT_FORMATS = ("pth", "bundle")
+BEST_BUNDLE = "model_best"  # run.checkpoint_format: bundle's checkpoint_best.pth
 
 
 def barrier() -> None:
@@ -131,6 +133,10 @@ class MedBLIPRunner(RunnerBase):
     - ``run.lr_scales`` maps parameter-name patterns to learning-rate multipliers (e.g. parts that
       start random learn faster than pretrained ones), applied after each scheduler step, since
       LAVIS's schedulers set one lr for every parameter group;
+    - ``run.checkpoint_format: bundle`` (default ``pth``) writes the best model as a self-contained bundle folder
+      ``model_best/`` (safetensors, config, model card: :mod:`lavis_medblip.models.bundle`) instead of
+      ``checkpoint_best.pth``, and a calibrated model as ``model_calibrated/``; ``checkpoint_latest.pth``, with
+      the optimizer and RNG states that resume needs, stays a ``.pth``;
     - ``run.tensorboard: true`` (default false) writes, on rank 0, TensorBoard events to the job folder's
       ``tensorboard/``: each step's loss terms and lr (``train/<term>``, by the task's :class:`StepLog`), and
       each evaluation's numbers (``<split>/agg_metrics``, ..., at the epoch evaluated).
@@ -138,10 +144,16 @@ class MedBLIPRunner(RunnerBase):
 
     def __init__(self, cfg: Any, task: Any, model: torch.nn.Module, datasets: dict, job_id: str):
         self.best_agg_metric, self.best_epoch = float("-inf"), -1
+        self.best_metrics: dict | None = None  # the first valid split's log at the best epoch, for a bundle's card
         super().__init__(cfg, task, model, datasets, job_id)
         wanted = bool(cfg.run_cfg.get("tensorboard", False)) and is_main_process()
         self.tensorboard = open_summary_writer(self.output_dir / "tensorboard") if wanted else None
         task.tensorboard = self.tensorboard
+        self.checkpoint_format = cfg.run_cfg.get("checkpoint_format", "pth")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS or (
+                self.checkpoint_format == "bundle" and not hasattr(model, "save_pretrained")):
+            raise ValueError(f"run.checkpoint_format must be one of {list(CHECKPOINT_FORMATS)} (bundle: for medblip "
+                             f"models), got {self.checkpoint_format!r} for {type(model).__name__}")
 
     # ---- device and distributed ---------------------------------------------------------------------
     @property
@@ -248,6 +260,7 @@ class MedBLIPRunner(RunnerBase):
                 if val_log is not None and is_main_process():
                     if split_name == self.valid_splits[0] and val_log["agg_metrics"] > self.best_agg_metric:
                         self.best_agg_metric, self.best_epoch, is_best = val_log["agg_metrics"], cur_epoch, True
+                        self.best_metrics = {split_name: val_log}
                     self.log_stats({**val_log, "best_epoch": self.best_epoch, "epoch": cur_epoch}, split_name)
                     write_scalars(self.tensorboard, split_name, val_log, cur_epoch)
             if self.evaluate_only:
@@ -268,6 +281,9 @@ class MedBLIPRunner(RunnerBase):
                 write_scalars(self.tensorboard, split_name, test_logs[split_name], step)
         if self.tensorboard is not None:
             self.tensorboard.flush()
+        model = self.unwrap_dist_model(self.model)
+        if self.checkpoint_format == "bundle" and is_main_process() and not model.calibration.is_identity:
+            self.save_bundle(model, "model_calibrated", {split: log for split, log in test_logs.items() if log})
         return test_logs
 
     # ---- checkpoints --------------------------------------------------------------------------------
@@ -288,11 +304,19 @@ class MedBLIPRunner(RunnerBase):
         latest = self.output_dir / "checkpoint_latest.pth"
         atomic_save(state, latest)
         logger.info("Saved epoch %d checkpoint (trained parameters only) to %s", cur_epoch, latest)
-        if is_best:
+        if is_best and self.checkpoint_format == "bundle":
+            self.save_bundle(model, BEST_BUNDLE, self.best_metrics)
+        elif is_best:
             atomic_save(state, self.output_dir / "checkpoint_best.pth")
 
+    def save_bundle(self, model: torch.nn.Module, name: str, metrics: Any) -> None:
+        """``model.save_pretrained`` into the job folder, the card naming the run's training datasets and splits."""
+        datasets = ", ".join(self.config.datasets_cfg)
+        training_data = f"datasets {datasets}, splits {list(self.config.run_cfg.get('train_splits', []))}"
+        model.save_pretrained(self.output_dir / name, metrics=metrics, training_data=training_data)
+
     def _reload_best_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        path = self.output_dir / "checkpoint_best.pth"
+        path = self.output_dir / (BEST_BUNDLE if self.checkpoint_format == "bundle" else "checkpoint_best.pth")
         logger.info("Loading the best checkpoint from %s", path)
         model.load_checkpoint(str(path))
         return model
