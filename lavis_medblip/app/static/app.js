@@ -45,7 +45,7 @@ function text(id, value, muted) {
 function startViewer() {
   const nv = new niivue.Niivue({
     backColor: [0, 0, 0, 1], crosshairColor: [1, 0.2, 0.2, 1], show3Dcrosshair: true, isColorbar: true,
-    dragAndDropEnabled: false, logLevel: "error",
+    dragAndDropEnabled: false, logLevel: "error", loadingText: "the scan shows here",
   });
   nv.onLocationChange = (data) => { $("location").textContent = data && data.string ? data.string : ""; };
   state.nv = nv;
