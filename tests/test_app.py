@@ -299,6 +299,9 @@ def test_the_page_in_chromium(server, files, tmp_path):
             page.screenshot(path=tmp_path / "page.png", full_page=True)
             assert (tmp_path / "page.png").stat().st_size > 10_000
             assert problems == [], problems
+
+            page.goto(f"{server}/docs")  # the OpenAPI docs, rendered by the vendored Swagger UI (no CDN here)
+            page.wait_for_selector(".opblock-summary-path[data-path=\"/api/predict\"]", timeout=20000)
         finally:
             browser.close()
 

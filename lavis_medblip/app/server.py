@@ -2,7 +2,8 @@
 
 ``POST /api/predict`` takes a scan (multipart) and EHR fields or free text and answers with the diagnosis; the
 page (``static/index.html`` + ``static/app.js``, NiiVue vendored under ``static/vendor/niivue``) calls it and
-fetches the scan, the relevance map and the report by the answer's id. OpenAPI docs: ``/docs``.
+fetches the scan, the relevance map and the report by the answer's id. OpenAPI docs: ``/docs`` (Swagger UI
+vendored under ``static/vendor/swagger-ui``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from lavis_medblip.app.service import InputProblem, Service, ehr_text, upload_suffix
@@ -45,7 +47,7 @@ def create_app(service: Service) -> FastAPI:
         yield
         service.close()
 
-    app = FastAPI(title="MedBLIP", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="MedBLIP", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Diagnose a 3D brain MRI (NC / MCI / AD) from the scan and EHR text with MedBLIP. "
                               "One model pass at a time; results are kept for the last few scans.")
     app.state.service = service
@@ -66,6 +68,14 @@ def create_app(service: Service) -> FastAPI:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        # FastAPI's /docs with the vendored Swagger UI instead of its CDN copy: the docs work offline
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="MedBLIP API",
+                                   swagger_js_url="static/vendor/swagger-ui/swagger-ui-bundle.js",
+                                   swagger_css_url="static/vendor/swagger-ui/swagger-ui.css",
+                                   swagger_favicon_url="data:,")
 
     @app.get("/api/status", summary="The model served, and what the app can do")
     async def status() -> dict[str, Any]:
