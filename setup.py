@@ -72,6 +72,7 @@ setup(
             "medblip-train=lavis_medblip.cli.train:main",
             "medblip-evaluate=lavis_medblip.cli.evaluate:main",
             "medblip-predict=lavis_medblip.cli.predict:main",
+            "medblip-export=lavis_medblip.cli.export:main",
             "medblip-warm-cache=lavis_medblip.cli.warm_cache:main",
             "medblip-app=lavis_medblip.app.cli:main",
         ]

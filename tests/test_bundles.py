@@ -242,6 +242,13 @@ def test_a_bad_bundle_is_an_error_naming_the_file(bundle, tmp_path, monkeypatch,
     assert str(broken / file) in capsys.readouterr().err
 
 
+def test_a_missing_folder_or_a_file_for_model_is_an_error_naming_it(bundle, capsys):
+    assert predict_main(["--model", str(bundle / "nowhere"), "--image", str(ICBM_T1)]) == 1
+    assert f"{bundle / 'nowhere'}: no such model bundle folder" in capsys.readouterr().err
+    assert predict_main(["--model", str(bundle / WEIGHTS_FILE), "--image", str(ICBM_T1)]) == 1
+    assert "a file, not a model bundle folder (pass the folder that holds it)" in capsys.readouterr().err
+
+
 def test_a_hugging_face_snapshot_folder_loads(bundle, trained, tmp_path, samples):
     """The layout ``snapshot_download`` leaves in its cache (blobs, a snapshot of symlinks, refs/main), found
     with ``local_files_only``: no network."""

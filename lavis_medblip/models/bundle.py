@@ -139,7 +139,8 @@ def required_file(directory: str | os.PathLike, name: str) -> Path:
     """``directory/name``, or a :class:`CheckpointError` naming it when it is missing."""
     path = Path(directory) / name
     if not Path(directory).is_dir():
-        raise CheckpointError(directory, "no such model bundle folder")
+        raise CheckpointError(directory, "a file, not a model bundle folder (pass the folder that holds it)"
+                              if Path(directory).is_file() else "no such model bundle folder")
     if not path.is_file():
         present = sorted(item.name for item in Path(directory).iterdir())
         raise CheckpointError(path, f"missing: a model bundle needs {CONFIG_FILE} and {WEIGHTS_FILE} "
