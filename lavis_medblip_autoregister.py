@@ -5,7 +5,7 @@
 at start-up. That only puts :class:`LavisPluginFinder` first on ``sys.meta_path``; nothing else is
 imported (this runs in every Python process; ``benchmarks/startup.py`` measures the cost). The finder
 
-* lets ``import lavis`` run as usual, then registers lavis_medblip's models, builders, processors,
+* lets ``import lavis`` run as usual (after :func:`lavis_medblip.compat.before_lavis`), then registers lavis_medblip's models, builders, processors,
   tasks and runner (:func:`lavis_medblip.registration.register_all`), so programs that import only
   LAVIS, such as LAVIS's own ``train.py`` / ``evaluate.py``, find them;
 * serves ``lavis.train`` and ``lavis.evaluate`` (``python -m lavis.train …``) with the code of
@@ -56,9 +56,12 @@ class LavisPluginFinder:
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         loader = spec.loader
+        # Imported here, while LAVIS is not yet in sys.modules: lavis_medblip/__init__ then only installs this finder.
+        from lavis_medblip import compat
 
         def exec_then_register(module: "ModuleType") -> None:
             del loader.exec_module  # back to the loader's own method; this loader instance serves this import only
+            compat.before_lavis()  # what LAVIS 1.0.2 needs of a newer transformers to import (a no-op on the lock's)
             loader.exec_module(module)
             try:
                 from lavis_medblip.registration import register_all

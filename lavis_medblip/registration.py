@@ -62,6 +62,9 @@ class RunCacheRoot(os.PathLike):
 
 def register_all() -> None:
     """Import the subpackages whose import registers the plugin's classes (imports LAVIS), and :class:`RunCacheRoot`."""
+    from lavis_medblip.compat import after_lavis
+
+    after_lavis()  # LAVIS's BERT/T5/OPT classes generate with a newer transformers (a no-op on the lock's)
     for name in REGISTERING_SUBPACKAGES:
         importlib.import_module(f"lavis_medblip.{name}")
     from lavis.common.registry import registry
