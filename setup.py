@@ -50,9 +50,12 @@ setup(
         # salesforce-lavis==1.0.2 is required too, installed with --no-deps (see above).
         "torch>=2.1",
         "torchvision",
-        "transformers>=4.40,<=4.51.3",  # >=4.52 drops .generate from LAVIS's BERT/T5/OPT; >=4.56 breaks import
+        # Tested: requirements/lock.txt (transformers 4.51.3, numpy 1.26.4) and requirements/newest.txt
+        # (transformers 4.57.6, tokenizers 0.22.2, numpy 2.4.6). From 4.52 on, LAVIS 1.0.2 needs
+        # lavis_medblip/compat.py; 5.x breaks LAVIS further than a small shim can mend (see there).
+        "transformers>=4.40,<4.58",
         "peft>=0.14,<0.22",
-        "numpy<2",  # opencv and LAVIS's RandomAugment
+        "numpy>=1.26,<2.5",
         "omegaconf>=2.1",
         "nibabel>=5",
         "scipy>=1.10",

@@ -13,6 +13,17 @@ LAVIS 1.0.2 was written against transformers 4.2x. Two changes since then break 
   ``PreTrainedModel.__init__`` gives each instance its generation config as for any generative model.
 
 Each shim checks for the feature itself (never a version string), so on transformers 4.51.3 both are no-ops.
+
+Not supported, measured with transformers 5.25.0 (huggingface_hub 2.4.0, tokenizers 0.23.3), in this order:
+``find_pruneable_heads_and_indices`` is gone from ``pytorch_utils`` too and ``transformers.utils.model_parallel_utils``
+(LAVIS's T5) is gone, so ``import lavis`` fails; past that, LAVIS's models call ``init_weights()`` in ``__init__``
+where 5.x needs ``post_init()`` (``all_tied_weights_keys`` is unset); ``ModuleUtilsMixin`` lost
+``get_extended_attention_mask``, ``invert_attention_mask`` and ``get_head_mask``, which LAVIS's BERT calls;
+and ``BertTokenizer`` lost ``additional_special_tokens_ids`` (LAVIS's BLIP tokenizer, the caption model). A
+probe mending all of that (~100 lines, mostly copied from 4.57) got the MedBLIP model tests to pass, not the
+caption ones. numpy 2 needs no shim: opencv-python-headless 4.11 and decord 0.6 import and read under 2.4.6;
+only ``Posterize`` of LAVIS's ``RandomAugment`` raises there (``np.uint8(255 << n)``), which no LAVIS
+processor's list of augmentations includes.
 :func:`applied` lists what was done in this process. Neither function touches LAVIS's installed files.
 Called by :mod:`lavis_medblip_autoregister` (right before LAVIS's ``__init__`` runs) and by
 :func:`lavis_medblip.registration.register_all` (right after); importing this module imports nothing heavy.
