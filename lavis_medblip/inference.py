@@ -13,9 +13,10 @@ import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 from lavis.common.registry import registry
 from lavis.models import load_preprocess
 from omegaconf import OmegaConf
@@ -252,6 +253,32 @@ class ScanRead:
     error: VolumeReadError | None = None
 
 
+def read_case(volume_processor: Any, case: Case) -> ScanRead:
+    """``case``'s volume through ``volume_processor``, its degenerate-volume warnings, or why it failed."""
+    if case.error is not None:
+        return ScanRead(error=case.error)
+    try:
+        with degenerate_volume_warnings() as degenerate:
+            volume = volume_processor(str(case.path))
+    except VolumeReadError as error:
+        return ScanRead(error=error)
+    return ScanRead(volume=volume, warning="; ".join(degenerate))
+
+
+@dataclass
+class CaseReads(Dataset):
+    """Cases as a map-style dataset of :class:`ScanRead` (what DataLoader workers run: no model in it)."""
+
+    volume_processor: Any
+    cases: Sequence[Case]
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> ScanRead:
+        return read_case(self.volume_processor, self.cases[index])
+
+
 @dataclass
 class Prediction:
     code: str
@@ -280,14 +307,16 @@ class Predictor:
 
     def read(self, case: Case) -> ScanRead:
         """The (1, S, S, S) volume of ``case``, or the ``VolumeReadError`` naming the file."""
-        if case.error is not None:
-            return ScanRead(error=case.error)
-        try:
-            with degenerate_volume_warnings() as degenerate:
-                volume = self.volume_processor(str(case.path))
-        except VolumeReadError as error:
-            return ScanRead(error=error)
-        return ScanRead(volume=volume, warning="; ".join(degenerate))
+        return read_case(self.volume_processor, case)
+
+    def read_batches(self, cases: Sequence[Case], batch_size: int,
+                     workers: int = 0) -> Iterator[tuple[list[Case], list[ScanRead]]]:
+        """Each batch of ``cases``, in order, with its :meth:`read`; ``workers`` > 0 processes read and preprocess
+        the next batches while the model scores this one (a DataLoader over the volume processor alone)."""
+        loader = DataLoader(CaseReads(self.volume_processor, cases), batch_size=batch_size, num_workers=workers,
+                            collate_fn=list, prefetch_factor=2 if workers else None)
+        for start, scans in zip(range(0, len(cases), batch_size), loader):
+            yield list(cases[start:start + batch_size]), scans
 
     def samples(self, volumes: Sequence[Any], texts: Sequence[str], question: str | None) -> dict[str, Any]:
         """A batch as the registered datasets collate it; ``question`` None asks the model's own question."""

@@ -118,6 +118,29 @@ def test_folder_gives_one_row_per_scan_and_skips_the_unreadable_one(checkpoint, 
     assert "2 of 3 scans diagnosed" in capsys.readouterr().err
 
 
+def test_reading_in_worker_processes_gives_the_same_rows_as_reading_in_process(checkpoint, scans, tmp_path):
+    rows = {}
+    for workers in ("0", "2"):
+        results = tmp_path / f"workers_{workers}.csv"
+        assert main(cli(checkpoint, "--image", str(scans), "--text", EHR, "--output", str(results),
+                        "--batch-size", "1", "--workers", workers)) == 0
+        rows[workers] = read_rows(results)
+    assert rows["2"] == rows["0"]  # the same order, probabilities and errors (the corrupt scan's comes back too)
+    assert "corrupt.nii.gz" in rows["2"][0]["error"]
+
+
+def test_cache_dir_keeps_preprocessed_volumes_for_the_next_run(checkpoint, scans, tmp_path):
+    cache = tmp_path / "volume_cache"
+    arguments = cli(checkpoint, "--image", str(scans), "--text", EHR, "--cache-dir", str(cache))
+    assert main([*arguments, "--output", str(tmp_path / "first.csv")]) == 0
+    entries = sorted(cache.rglob("*.npy"))
+    assert len(entries) == 2  # the two readable scans
+    stamps = [entry.stat().st_mtime_ns for entry in entries]
+    assert main([*arguments, "--output", str(tmp_path / "second.csv")]) == 0
+    assert [entry.stat().st_mtime_ns for entry in sorted(cache.rglob("*.npy"))] == stamps  # served, not rebuilt
+    assert read_rows(tmp_path / "second.csv") == read_rows(tmp_path / "first.csv")
+
+
 def test_on_error_raise_stops_naming_the_file(checkpoint, scans, tmp_path, capsys):
     code = main(cli(checkpoint, "--image", str(scans), "--output", str(tmp_path / "r.csv"), "--on-error", "raise"))
     assert code != 0

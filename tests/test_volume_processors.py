@@ -93,6 +93,18 @@ def test_processors_pickle_for_spawned_dataloader_workers(tmp_path):
         assert clone(ICBM_T1).shape == (1, SIZE, SIZE, SIZE)
 
 
+def test_read_errors_pickle_back_from_dataloader_workers_unchanged():
+    import pickle
+
+    from lavis_medblip.processors.volume_types import VolumeReadError, VolumeTransformError
+
+    for error in (VolumeReadError("scan.nii.gz", "truncated gzip stream"),
+                  VolumeTransformError("scan.nii.gz", "ToCanonicalRAS", ValueError("singular affine"))):
+        clone = pickle.loads(pickle.dumps(error))
+        assert type(clone) is type(error) and str(clone) == str(error)
+        assert (clone.source, clone.problem) == ("scan.nii.gz", error.problem)
+
+
 def test_from_config_defaults_and_keys():
     from omegaconf import OmegaConf
 

@@ -37,7 +37,7 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO, TypeVar
+from typing import Any, Callable, Sequence, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -107,11 +107,6 @@ def write_rows(predictor: Predictor, output: TextIO, rows: Sequence[dict[str, st
     return len(rows)
 
 
-def batches(cases: Sequence[Case], batch_size: int) -> Iterator[list[Case]]:
-    for start in range(0, len(cases), batch_size):
-        yield list(cases[start:start + batch_size])
-
-
 @dataclass
 class Tally:
     diagnosed: int = 0
@@ -129,8 +124,9 @@ class PredictionStopped(Exception):
 
 
 def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch_size: int, on_error: str,
-              relevance: RelevanceOutput | None = None) -> Tally:
-    """Write one result row per case to ``output`` (and with ``relevance`` each diagnosed case's map).
+              relevance: RelevanceOutput | None = None, workers: int = 0) -> Tally:
+    """Write one result row per case to ``output`` (and with ``relevance`` each diagnosed case's map);
+    ``workers`` processes read and preprocess the next batches meanwhile.
 
     With ``on_error="raise"`` the batch holding the first unreadable scan is still read and scored
     whole, its diagnosed rows written, and then :class:`PredictionStopped` names every failure in it.
@@ -138,8 +134,7 @@ def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch
     writer = results_writer(predictor, output, relevance is not None)
     tally = Tally()
     with tqdm(total=len(cases), unit="scan", desc="diagnosing", file=sys.stderr) as progress:
-        for batch in batches(cases, batch_size):
-            scans = [predictor.read(case) for case in batch]
+        for batch, scans in predictor.read_batches(cases, batch_size, workers):
             readable = [index for index, scan in enumerate(scans) if scan.error is None]
             predictions: dict[int, Prediction] = {}
             if readable:
@@ -286,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     outputs.add_argument("--relevance-method", choices=("gradient", "attention"), default="gradient",
                          help="gradient x input of the predicted answer's score (default), or Q-Former attention")
     outputs.add_argument("--batch-size", type=int, default=4, help="scans per forward pass (default: 4)")
+    outputs.add_argument("--workers", type=int, default=2,
+                         help="processes that read and preprocess the next scans while the model runs (default: 2; "
+                              "0 reads in this process)")
+    outputs.add_argument("--cache-dir", type=Path,
+                         help="keep preprocessed volumes here, keyed by file content and preprocessing settings, so "
+                              "a scan seen before (in this run or another, by training or predict) is not redone")
     outputs.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                          help="a scan that cannot be read, or a --csv row with a missing or extra field: 'skip' "
                               "records the scan in the error column and the row as a line on stderr, and goes on "
@@ -301,6 +302,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     unknown = [code for code in args.classes if code not in CLASS_NAMES]
     if unknown or len(set(args.classes)) != len(args.classes) or len(args.classes) < 2:
         parser.error(f"--classes takes two or more distinct codes from {list(CLASS_NAMES)}, got {args.classes}")
+    if args.workers < 0:
+        parser.error(f"--workers must be 0 or more, got {args.workers}")
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
     if args.max_new_tokens < 1:
@@ -350,6 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot load the model bundle {error}", file=sys.stderr)
         return 1
     device = args.device or default_device()
+    if args.cache_dir is not None:
+        config.preprocess.vis_processor.eval.cache_dir = str(args.cache_dir)
     try:
         model, volume_processor, text_processor = load_model(config, weights, device)
     except CheckpointError as error:
@@ -377,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         tally = write_results(args.output,
                               lambda output: run_batch(predictor, cases, output, args.batch_size, args.on_error,
-                                                       relevance))
+                                                       relevance, args.workers))
     except VolumeReadError as error:
         print(f"error: cannot read scan {error}", file=sys.stderr)
         return 1

@@ -24,6 +24,17 @@ class VolumeReadError(ValueError):
         self.problem = problem
         super().__init__(f"{self.source}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        # Picklable whatever the subclass's signature (DataLoader workers send these back).
+        return _restore_error, (type(self), str(self), self.__dict__)
+
+
+def _restore_error(cls: type, message: str, state: dict) -> VolumeReadError:
+    error = cls.__new__(cls)
+    ValueError.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class VolumeTransformError(VolumeReadError):
     """A transform failed unexpectedly; ``transform`` names it and ``__cause__`` is the original error."""
