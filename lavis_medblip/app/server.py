@@ -18,7 +18,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
-from lavis_medblip.app.service import InputProblem, Service, ehr_text, upload_suffix
+from lavis_medblip.app.service import Service
+from lavis_medblip.app.uploads import InputProblem, ehr_text, upload_suffix
 from lavis_medblip.processors.readers import scan_name
 
 STATIC = Path(__file__).resolve().parent / "static"
