@@ -89,35 +89,35 @@ def read_scan(processor: Any, path: str | Path) -> tuple[torch.Tensor, ScanGeome
 # ---- back to the scan's grid -------------------------------------------------------------------------------
 
 
-def _cube_coordinates(world: torch.Tensor, geometry: ScanGeometry) -> torch.Tensor:
-    """World mm (N, 3) -> ``grid_sample`` coordinates (N, 3) of the model cube (x, y, z order, align_corners=False)."""
-    size = geometry.cube_size
-    alignment = geometry.alignment
-    to_cube = np.linalg.inv(alignment.subject_affine if alignment is not None else geometry.cube_affine)
-    index = world @ torch.from_numpy(to_cube[:3, :3]).T + torch.from_numpy(to_cube[:3, 3])
-    normalised = ((2.0 * index + 1.0) / size - 1.0).flip(-1)  # the subject's cube, (x, y, z) = (k, j, i)
+def scan_to_cube_coordinates(geometry: ScanGeometry) -> np.ndarray:
+    """The affine (4, 4) from the scan's voxel indices to ``grid_sample`` coordinates of the model cube ((x, y, z)
+    = (last, middle, first axis), ``align_corners=False``): scan voxels -> world mm -> the cube (-> the template
+    cube, by inverting the registration's fit)."""
+    size, alignment = geometry.cube_size, geometry.alignment
+    cube_affine = alignment.subject_affine if alignment is not None else geometry.cube_affine
+    normalise = np.diag([2.0 / size] * 3 + [1.0])
+    normalise[:3, 3] = 1.0 / size - 1.0
+    flip = np.eye(4)[[2, 1, 0, 3]]
+    total = flip @ normalise @ np.linalg.inv(cube_affine) @ geometry.affine
     if alignment is None:
-        return normalised
-    theta = torch.from_numpy(alignment.theta)
-    return (normalised - theta[:, 3]) @ torch.linalg.inv(theta[:, :3]).T  # template cube, by inverting the fit
+        return total
+    return np.linalg.inv(np.vstack([alignment.theta, [0.0, 0.0, 0.0, 1.0]])) @ total
 
 
 def to_scan_grid(cube_map: torch.Tensor, geometry: ScanGeometry, slab_voxels: int = 1 << 22) -> np.ndarray:
     """A map on the model's cube (S, S, S) resampled onto the scan's grid (trilinear, zero outside the cube)."""
-    source = cube_map.detach().double().cpu()[None, None]
+    source = cube_map.detach().float().cpu()[None, None]
+    to_grid = torch.from_numpy(scan_to_cube_coordinates(geometry)[:3]).float()  # (3, 4)
     nx, ny, nz = geometry.shape
-    affine = torch.from_numpy(geometry.affine)
-    jk = torch.stack(torch.meshgrid(torch.arange(ny, dtype=torch.float64), torch.arange(nz, dtype=torch.float64),
-                                    indexing="ij"), dim=-1).reshape(-1, 2)
+    plane = (torch.arange(ny, dtype=torch.float32)[:, None, None] * to_grid[:, 1]
+             + torch.arange(nz, dtype=torch.float32)[None, :, None] * to_grid[:, 2] + to_grid[:, 3])  # (ny, nz, 3)
     out = np.zeros(geometry.shape, dtype=np.float32)
     step = max(1, slab_voxels // (ny * nz))
     for start in range(0, nx, step):  # slabs along the first axis bound the memory
-        i = torch.arange(start, min(nx, start + step), dtype=torch.float64)
-        index = torch.cat([i.repeat_interleave(len(jk))[:, None], jk.repeat(len(i), 1)], dim=1)
-        world = index @ affine[:3, :3].T + affine[:3, 3]
-        grid = _cube_coordinates(world, geometry).view(1, len(i), ny, nz, 3)
-        sampled = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        out[start:start + len(i)] = sampled[0, 0].float().numpy()
+        first = torch.arange(start, min(nx, start + step), dtype=torch.float32)
+        grid = first[:, None, None, None] * to_grid[:, 0] + plane
+        sampled = F.grid_sample(source, grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)
+        out[start:start + len(first)] = sampled[0, 0].numpy()
     return out
 
 

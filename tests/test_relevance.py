@@ -67,6 +67,13 @@ def test_gradients_bypass_the_vision_feature_cache(tiny_config, samples, tmp_pat
     assert cached.feature_cache is not None
 
 
+def test_attention_reads_only_the_layers_that_cross_attend(tiny_config, samples):
+    tiny_config.qformer.cross_attention_freq = 2  # the paper's Q-Former: every other layer
+    maps = MedBLIP.from_config(tiny_config).eval().explain({"image": samples["image"][:1],
+                                                            "text_input": samples["text_input"][:1]}, method="attention")
+    assert maps.shape == (1, 32, 32, 32) and (maps > 0).all()
+
+
 def test_a_text_only_model_and_an_unknown_method_are_clear_errors(tiny_config, samples):
     tiny_config.prompt_order = ["text", "question"]
     with pytest.raises(ValueError, match="no image"):
