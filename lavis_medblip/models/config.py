@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 BASE_CONFIG_FILE = CONFIG_DIR / "medblip_base.yaml"
+#: What a pretraining row without an answer trains (model.loss.unlabelled_rows; models/losses.py applies it).
+UNLABELLED_ROWS = ("itc_text_only", "empty_answer")
 MODEL_TYPES = ("biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora", "tiny", "demo")
 
 PROMPT_SEGMENTS = ("image", "text", "question")
@@ -166,11 +168,18 @@ class LossConfig:
         "help": "weight of ITC(image, EHR text); 0 drops the term (Table 6)"})
     lambda_itc_qa: float = field(default=1.0, metadata={
         "help": "weight of ITC(image, question + answer); 0 drops the term (Table 6)"})
+    unlabelled_rows: str = field(default="itc_text_only", metadata={
+        "help": f"what a row without an answer (OASIS-1: no diagnosis) trains, one of {list(UNLABELLED_ROWS)}: "
+                "itc_text_only, only ITC(image, EHR text) (no LM, no ITC(image, Q&A) term); empty_answer, every "
+                "term with an empty answer (before this key)"})
 
     def __post_init__(self) -> None:
         for name in ("lambda_lm", "lambda_itc_text", "lambda_itc_qa"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{self.KEY}.{name} must not be negative (got {getattr(self, name)})")
+        if self.unlabelled_rows not in UNLABELLED_ROWS:
+            raise ValueError(f"{self.KEY}.unlabelled_rows must be one of {list(UNLABELLED_ROWS)} "
+                             f"(got {self.unlabelled_rows!r})")
         if self.lambda_lm == self.lambda_itc_text == self.lambda_itc_qa == 0:
             raise ValueError(f"{self.KEY}: every loss weight is 0, nothing would train")
 

@@ -15,9 +15,7 @@ from torch.nn import functional as F
 from transformers import BertTokenizer
 from transformers.utils import ModelOutput
 
-from lavis.common.dist_utils import get_rank
 from lavis.common.registry import registry
-from lavis.models.base_model import concat_all_gather
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm, disabled_train
 from lavis.models.blip2_models.Qformer import BertLMHeadModel
 
@@ -27,6 +25,7 @@ from lavis_medblip.models.config import MODEL_TYPES, ComposedConfigPath, MedBLIP
 from lavis_medblip.models.explain import explain as explain_relevance
 from lavis_medblip.models.feature_cache import VisionFeatureCache
 from lavis_medblip.models.language_model import LanguageModel
+from lavis_medblip.models.losses import image_text_contrastive_loss, labelled_rows, masked_lm_loss
 from lavis_medblip.models.qformer import build_qformer, is_qformer_addition
 from lavis_medblip.models.vision_3d import build_vision_encoder, freeze_vit_blocks
 from lavis_medblip.models.weights import check_fits, model_name, read_state_dict, state_dict_of
@@ -41,7 +40,8 @@ BLIP2_QFORMER_PREFIXES = ("Qformer.", "query_tokens", "vision_proj.", "text_proj
 
 @dataclass
 class MedBLIPOutput(ModelOutput):
-    """``loss`` = the weighted sum of the terms (paper eq. 4–5); a term whose weight is 0 is ``None``."""
+    """``loss`` = the weighted sum of the terms (paper eq. 4–5); a term whose weight is 0 is ``None``, and so
+    are ITC(image, Q&A) and LM in a batch without an answered row under ``unlabelled_rows: itc_text_only``."""
 
     loss: torch.Tensor | None = None
     loss_itc_text: torch.Tensor | None = None
@@ -56,22 +56,6 @@ class CandidateRanking:
     scores: torch.Tensor  # (B, C) mean log-probability per answer token
     probs: torch.Tensor  # (B, C) softmax over the candidates of the scores after model.calibration
     predictions: list[str]  # the candidate with the highest calibrated score
-
-
-def image_text_contrastive_loss(image_feats: torch.Tensor, text_feat: torch.Tensor, temp: torch.Tensor) -> torch.Tensor:
-    """BLIP-2's ITC: each text is matched by its most similar query; negatives come from all ranks.
-
-    ``image_feats`` (B, queries, D) and ``text_feat`` (B, D) are L2-normalised. Gathered features
-    carry no gradient (as in BLIP-2); the loss equals the single-process loss on the global batch.
-    """
-    image_feats_all = concat_all_gather(image_feats)
-    text_feat_all = concat_all_gather(text_feat)
-    sim_i2t = torch.einsum("bqd,td->btq", image_feats, text_feat_all).max(-1).values / temp
-    sim_t2i = torch.einsum("td,bqd->tbq", text_feat, image_feats_all).max(-1).values / temp
-    batch_size = image_feats.shape[0]
-    targets = torch.arange(batch_size, device=image_feats.device) + get_rank() * batch_size
-    return (F.cross_entropy(sim_i2t, targets, label_smoothing=0.1)
-            + F.cross_entropy(sim_t2i, targets, label_smoothing=0.1)) / 2
 
 
 @registry.register_model("medblip")
@@ -204,8 +188,8 @@ class MedBLIP(BundleMixin, Blip2Base):
         output = self.Qformer.bert(tokens.input_ids, attention_mask=tokens.attention_mask, return_dict=True)
         return F.normalize(self.text_proj(output.last_hidden_state[:, 0, :]), dim=-1)
 
-    def itc_loss(self, image_feats: torch.Tensor, text_feat: torch.Tensor) -> torch.Tensor:
-        return image_text_contrastive_loss(image_feats, text_feat, self.temp)
+    def itc_loss(self, image_feats: torch.Tensor, text_feat: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return image_text_contrastive_loss(image_feats, text_feat, self.temp, rows)
 
     # ---- prompts ----------------------------------------------------------------------------------
     def _questions(self, samples: Mapping[str, Any], batch_size: int) -> list[str]:
@@ -258,6 +242,7 @@ class MedBLIP(BundleMixin, Blip2Base):
         questions = self._questions(samples, batch_size)
 
         loss_cfg = self.config.loss
+        rows = labelled_rows(answers, loss_cfg.unlabelled_rows, image.device)  # None: every row in every term
         terms: dict[str, torch.Tensor] = {}
         if self.config.uses_image:
             # 1. the image through the vision path and the Q-Former's queries
@@ -270,7 +255,7 @@ class MedBLIP(BundleMixin, Blip2Base):
                 terms["loss_itc_text"] = self.itc_loss(image_feats, self.encode_text(ehr_texts))
             if loss_cfg.lambda_itc_qa > 0:
                 qa_texts = [f"{question} {answer}" for question, answer in zip(questions, answers)]
-                terms["loss_itc_qa"] = self.itc_loss(image_feats, self.encode_text(qa_texts))
+                terms["loss_itc_qa"] = self.itc_loss(image_feats, self.encode_text(qa_texts), rows)
         else:  # the text-only LM (prompt_order without "image"): no visual prefix
             prefix = self.no_visual_prefix(batch_size, image.device)
         # 3. the LM on [visual prefix, EHR text, question] → answer; an LM-free stage skips its costly forward
@@ -278,11 +263,13 @@ class MedBLIP(BundleMixin, Blip2Base):
             batch = self.language_model.build_batch(
                 prefix, self._prompt_ids(ehr_texts, questions), self.prompt_order, self._answer_ids(answers)
             )
-            with self.maybe_autocast():
-                terms["loss_lm"] = self.language_model.loss(batch)
+            with self.maybe_autocast():  # unanswered rows run too (distributed ranks stay in step), masked out
+                terms["loss_lm"] = masked_lm_loss(*self.language_model.answer_log_likelihood(batch), rows)
         weights = {"loss_itc_text": loss_cfg.lambda_itc_text, "loss_itc_qa": loss_cfg.lambda_itc_qa,
                    "loss_lm": loss_cfg.lambda_lm}
         loss = sum(weights[name] * value for name, value in terms.items())
+        if rows is not None and not rows.any():  # their zero stays in the loss, but is no measurement to log
+            terms = {name: value for name, value in terms.items() if name == "loss_itc_text"}
         return MedBLIPOutput(loss=loss, **terms)
 
     # ---- inference --------------------------------------------------------------------------------

@@ -134,6 +134,7 @@ class MedBLIPTask(BaseTask):
         trainable = [p for p in model.parameters() if p.requires_grad]
         device = trainable[0].device
         totals = dict.fromkeys(self.loss_terms, 0.0)
+        reported = dict.fromkeys(self.loss_terms, 0)  # steps that reported each term (a batch may have none)
         steps = skipped = degenerate = 0
 
         step_log = StepLog(self.tensorboard, iters_per_epoch)
@@ -169,13 +170,15 @@ class MedBLIPTask(BaseTask):
                 metric_logger.update(**values)
                 for term, value in values.items():
                     totals[term] += value
+                    reported[term] += 1
                 steps += 1
                 step_log.write({"epoch": epoch, "step": i, "lr": optimizer.param_groups[0]["lr"], **values})
 
         step_log.close()
-        summed = all_reduce_sum([*totals.values(), steps, skipped, degenerate], device)
+        summed = all_reduce_sum([*totals.values(), *reported.values(), steps, skipped, degenerate], device)
         steps, skipped, degenerate = (int(value) for value in summed[-3:])
-        stats = {term: round(total / max(steps, 1), 4) for term, total in zip(self.loss_terms, summed)}
+        term_steps = summed[len(totals):2 * len(totals)]
+        stats = {term: round(total / max(count, 1), 4) for term, total, count in zip(self.loss_terms, summed, term_steps)}
         counts = self.skip_counts(self.train_splits, skipped, degenerate)
         stats.update(lr=optimizer.param_groups[0]["lr"], iters_per_epoch=iters_per_epoch, num_steps=steps,
                      **counts, world_size=get_world_size())

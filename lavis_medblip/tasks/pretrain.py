@@ -22,7 +22,7 @@ class MedBLIPPretrainTask(MedBLIPTask):
     def valid_step(self, model: torch.nn.Module, samples: dict[str, Any]) -> list[dict]:
         output = model(samples)
         count = len(samples["text_input"])
-        # a term switched off (weight 0) is not reported
+        # a term switched off (weight 0), or without an answered row in this batch, is not reported
         return [{"count": count, **{term: float(output[term]) * count for term in LOSS_TERMS
                                     if output.get(term) is not None}}]
 
@@ -31,8 +31,10 @@ class MedBLIPPretrainTask(MedBLIPTask):
         if merged is None:
             return None
         count = sum(row["count"] for row in merged)
-        metrics = {term: sum(row[term] for row in merged) / max(count, 1) for term in LOSS_TERMS
-                   if all(term in row for row in merged)}
+        # each term's mean over the batches that report it
+        metrics = {term: sum(row[term] for row in merged if term in row)
+                   / max(sum(row["count"] for row in merged if term in row), 1)
+                   for term in LOSS_TERMS if any(term in row for row in merged)}
         metrics.update(agg_metrics=-metrics["loss"], num_samples=count, **self.eval_skip_counts(split_name))
         with open(os.path.join(registry.get_path("output_dir"), "evaluate.txt"), "a") as handle:
             handle.write(json.dumps({split_name: metrics}) + "\n")
