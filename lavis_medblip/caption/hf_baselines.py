@@ -151,6 +151,18 @@ class InstructBLIPT5Caption(HFCaptioner):
                                                            cfg.get("pretrained"), subfolder="qformer_tokenizer")
         return cls(model, tokenizer, qformer_tokenizer, prompt=cfg.get("prompt", ""))
 
+    def after_image_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The prompt after ``num_query_tokens`` image tokens, which the model replaces by the queries' outputs.
+
+        transformers 4.57 takes the queries only there (``config.image_token_index``, as InstructBlipProcessor does);
+        4.51 also puts them first by itself when the config has no image token, which this then leaves to it.
+        """
+        token = getattr(self.model.config, "image_token_index", None)
+        if token is None:
+            return input_ids, attention_mask
+        ones = attention_mask.new_ones(input_ids.shape[0], self.model.config.num_query_tokens)
+        return torch.cat([ones * token, input_ids], dim=1), torch.cat([ones, attention_mask], dim=1)
+
     @torch.no_grad()
     def generate(self, samples: Mapping[str, Any], use_nucleus_sampling: bool = False, num_beams: int = 3,
                  max_length: int = 30, min_length: int = 5, top_p: float = 0.9, repetition_penalty: float = 1.0,
@@ -161,8 +173,9 @@ class InstructBLIPT5Caption(HFCaptioner):
         text = self.tokenizer(prompts, padding="longest", return_tensors="pt").to(image.device)
         qformer = self.qformer_tokenizer(prompts, padding="longest", truncation=True, max_length=128,
                                          return_tensors="pt").to(image.device)
+        input_ids, attention_mask = self.after_image_tokens(text.input_ids, text.attention_mask)
         output = self.model.generate(
-            pixel_values=image, input_ids=text.input_ids, attention_mask=text.attention_mask,
+            pixel_values=image, input_ids=input_ids, attention_mask=attention_mask,
             qformer_input_ids=qformer.input_ids, qformer_attention_mask=qformer.attention_mask,
             **self.search(use_nucleus_sampling, num_beams, max_length, min_length, top_p, repetition_penalty))
         return [caption.strip() for caption in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
