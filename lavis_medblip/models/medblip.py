@@ -86,6 +86,7 @@ class MedBLIP(BundleMixin, Blip2Base):
         self.visual_encoder = vision_encoder
         freeze_vit_blocks(vision_encoder, config.freeze_vit, config.vision.train_cls_token)
         if config.freeze_vit:  # frozen blocks stay in eval mode, as in BLIP-2
+            self.visual_encoder.eval()
             self.visual_encoder.train = disabled_train.__get__(self.visual_encoder)
         if config.freeze_vision_stem:  # the whole vision path (stem, CLS token, ViT blocks) is frozen
             for parameter in vision_encoder.parameters():
