@@ -14,6 +14,15 @@ from lavis_medblip.models import MedBLIP
 from lavis_medblip.dev.pretrained import local_model_path
 
 
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A checkpoint of an untrained ``tiny`` model; loaders rebuild the same random frozen parts from its init_seed."""
+    model = MedBLIP.from_config(OmegaConf.load(MedBLIP.default_config_path("tiny")).model)
+    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
+    model.save_checkpoint(path)
+    return path
+
+
 @pytest.fixture
 def tiny_config():
     """The packaged ``tiny`` model config, to tweak per test."""

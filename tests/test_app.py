@@ -18,14 +18,12 @@ import numpy as np
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
-from omegaconf import OmegaConf
 
 from lavis_medblip.annotations.ehr import describe_ehr
 from lavis_medblip.app.server import create_app
 from lavis_medblip.app.service import MAKE_DEMO_HINT, Service, find_demo_checkpoint, load_service
 from lavis_medblip.assets import ICBM_T1
 from lavis_medblip.cli.predict import main as predict_main
-from lavis_medblip.models import MedBLIP
 from test_predict_cli import write_dicom_series
 
 EHR_FIELDS = {"age": "75", "sex": "F", "education": "12", "mmse": "24", "cdr": "0.5"}
@@ -51,14 +49,6 @@ def files(tmp_path_factory) -> dict[str, Path]:
             archive.write(path, f"S1/{path.name}")
     return {"t1": ICBM_T1, "small": folder / "small.nii.gz", "garbage": folder / "garbage.nii.gz",
             "slice": folder / "slice.nii.gz", "five_d": folder / "five_d.npy", "zip": folder / "series.zip"}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    model = MedBLIP.from_config(OmegaConf.load(MedBLIP.default_config_path("tiny")).model)
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
-    model.save_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -24,15 +24,6 @@ EHR = "A 75-year-old female with 12 years of education. MMSE 24, CDR 0.5."
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A ``tiny`` checkpoint; the CLI rebuilds the same random frozen parts from the config's init_seed."""
-    model = MedBLIP.from_config(OmegaConf.load(MedBLIP.default_config_path("tiny")).model)
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
-    model.save_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def scans(tmp_path_factory) -> Path:
     """A folder with the ICBM T1, a 2 mm copy in a subfolder, and a file that is not a NIfTI."""
     folder = tmp_path_factory.mktemp("scans")

@@ -195,13 +195,6 @@ def test_explain_scan_answers_on_the_scans_grid(tiny_model, oblique_scan):
 # ---- predict --relevance -----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_model) -> Path:
-    path = tmp_path_factory.mktemp("checkpoint") / "tiny.pth"
-    tiny_model.save_checkpoint(path)
-    return path
-
-
 def test_predict_writes_a_relevance_nifti_per_case_and_the_top_regions_column(checkpoint, oblique_scan, tmp_path):
     scans = tmp_path / "scans"
     (scans / "site").mkdir(parents=True)
