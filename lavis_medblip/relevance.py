@@ -211,8 +211,10 @@ def atlas_affine_of(geometry: ScanGeometry) -> np.ndarray:
 
 
 def explain_scan(predictor: Predictor, scan_path: str | Path, text: str, method: str = "gradient",
-                 answer: str | None = None) -> ScanRelevance:
+                 answer: str | None = None, prediction: Prediction | None = None) -> ScanRelevance:
     """Diagnose one scan and map the relevance of an answer (default: the predicted one) onto its grid.
+
+    ``prediction``: the scan's diagnosis when the caller already has it (not predicted again).
 
     ``predictor`` is the predict CLI's (:class:`~lavis_medblip.inference.Predictor`): its model, processors,
     classes and question. ``method`` is ``gradient`` or ``attention`` (:mod:`lavis_medblip.models.explain`).
@@ -235,7 +237,8 @@ def explain_scan(predictor: Predictor, scan_path: str | Path, text: str, method:
 
     cube, geometry, warning = read_scan(predictor.volume_processor, scan_path)
     lap("read")
-    (prediction,) = predictor.predict([cube], [text])
+    if prediction is None:
+        (prediction,) = predictor.predict([cube], [text])
     lap("predict")
     answer = prediction.answer if answer is None else answer
     samples = predictor.samples([cube], [text], predictor.question)

@@ -226,7 +226,7 @@ class Service:
         if relevance and self.relevance is not None:
             try:
                 explained = await self.on_model(lambda: self.relevance(predictor, scan, text, method=method,
-                                                                       answer=prediction.answer),
+                                                                       prediction=prediction),
                                                 timings, "relevance")
             except ValueError as error:  # the diagnosis stands; the page says why there is no map
                 result.warning = "; ".join(filter(None, [result.warning, f"no relevance map: {error}"]))

@@ -80,7 +80,7 @@ class RelevanceOutput:
 
     def write(self, predictor: Predictor, case: Case, prediction: Prediction) -> Any:
         """Explain ``prediction`` of ``case`` and write the map; returns the ``ScanRelevance``."""
-        relevance = explain_scan(predictor, case.path, case.text, self.method, answer=prediction.answer)
+        relevance = explain_scan(predictor, case.path, case.text, self.method, prediction=prediction)
         relevance.image.to_filename(str(relevance_path(self.directory, case.case_id, make_folders=True)))
         return relevance
 
