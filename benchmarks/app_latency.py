@@ -3,7 +3,7 @@
 Starts the app (``lavis_medblip.app``) on a live uvicorn server at a free port of 127.0.0.1, with the demo model
 (``make demo``'s checkpoint) by default, posts each scan ``--repeats`` times (after one untimed warm-up) with an
 HTTP client and prints the median of the server's timings (``read``: upload saved, scan read and preprocessed;
-``model``: the diagnosis pass; ``relevance``: the relevance map, which reads and scores the scan again and maps
+``model``: the diagnosis pass; ``relevance``: the relevance map, which reads the scan again (for its geometry) and maps
 the map back onto the scan's grid) and of the client's wall time from upload to answer::
 
     python benchmarks/app_latency.py [--repeats 5] [--model-type demo --checkpoint ckpt.pth] [--no-relevance]
