@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from test_predict_cli import checkpoint, cli, read_rows  # noqa: F401  (checkpoint is a fixture)
+from test_predict_cli import cli, read_rows
 
 from lavis_medblip.annotations.schema import CLASS_ANSWERS
 from lavis_medblip.cli.predict import main
