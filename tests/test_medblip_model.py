@@ -101,11 +101,14 @@ def test_freeze_qformer_bert_trains_only_what_the_qformer_adds_to_bert(tiny_conf
 def test_llama_family_lms_score_answers_from_answer_position_logits_only(tiny_config, samples):
     tiny_config.lm.config_overrides = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
                                       "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 30522}
+    torch.manual_seed(0)
     model = MedBLIP.from_config(tiny_config).eval()
     assert model.language_model.keeps_chosen_logits  # GPT-2 has no logits_to_keep: it computes them all
     chosen = model.predict_answers(samples, CLASSES).scores
-    model.language_model.keeps_chosen_logits = False
-    torch.testing.assert_close(chosen, model.predict_answers(samples, CLASSES).scores)
+    torch.manual_seed(0)
+    every_logit = MedBLIP.from_config(tiny_config).eval()
+    every_logit.language_model.keeps_chosen_logits = False
+    torch.testing.assert_close(chosen, every_logit.predict_answers(samples, CLASSES).scores)
 
 
 def test_lora_adds_rank_times_in_plus_out_per_target(tiny_config):

@@ -53,6 +53,7 @@ class LanguageModel(nn.Module):
         # prompt position is a fifth of a CPU training step, and only the answer positions are scored.
         self.keeps_chosen_logits = "logits_to_keep" in inspect.signature(causal_lm.forward).parameters
         self.takes_position_ids = "position_ids" in inspect.signature(causal_lm.forward).parameters
+        self._packs_answers: bool | None = None  # see packs_answers
         if tokenizer.eos_token_id is None:
             raise ValueError(f"the LM tokenizer {type(tokenizer).__name__} has no eos token; "
                              f"set model.lm.tokenizer_kwargs.eos_token")
@@ -185,9 +186,14 @@ class LanguageModel(nn.Module):
 
     def score_answers(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]],
                       num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared-prefix ranking: :meth:`answer_log_likelihood` of ``[prompt, answer]`` for every candidate,
-        with each sample's prompt run once and its key/value cache (T5: its encoder output) reused by its
-        ``num_candidates`` answers.
+        """Shared-prefix ranking: :meth:`answer_log_likelihood` of ``[prompt, answer]`` for every candidate, with
+        each sample's prompt run once and shared by its ``num_candidates`` answers:
+
+        - decoder-only LMs that take a 4D attention mask: one pass over ``[prompt, answer 1, …, answer C]``, each
+          answer seeing the prompt and its own earlier tokens (:meth:`_score_packed`);
+        - other decoder-only LMs (BioGPT; GPT-2 before transformers 4.5x): the prompt, then the answers on its
+          key/value cache (:meth:`_score_on_cache`);
+        - T5: the encoder once, its output reused by the decoder for every answer.
 
         Args:
             prompt: one left-padded prompt per sample (``build_batch(..., left_pad=True)``, no answers).
@@ -196,24 +202,100 @@ class LanguageModel(nn.Module):
             Per candidate, sample-major: the summed log-probability of its answer tokens (eos included) and
             their count.
         """
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        labels = _padded_labels([list(ids) + [eos] for ids in answer_ids], prompt.inputs_embeds.device)
-        prompt_mask = prompt.attention_mask.repeat_interleave(num_candidates, dim=0)
+        labels = _padded_labels([list(ids) + [self.tokenizer.eos_token_id] for ids in answer_ids],
+                                prompt.inputs_embeds.device)
         if self.is_encoder_decoder:
             encoded = self.model.get_encoder()(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask)
             hidden = encoded.last_hidden_state.repeat_interleave(num_candidates, dim=0)
+            prompt_mask = prompt.attention_mask.repeat_interleave(num_candidates, dim=0)
             logits = self.model(encoder_outputs=(hidden,), attention_mask=prompt_mask, labels=labels).logits
             return _summed_log_probs(logits, labels)
+        if self.packs_answers:
+            return self._score_packed(prompt, answer_ids, num_candidates, labels)
+        return self._score_on_cache(prompt, num_candidates, labels)
 
+    @property
+    def packs_answers(self) -> bool:
+        """Whether :meth:`score_answers` runs prompt and answers in one pass: the LM takes ``position_ids`` and
+        ``logits_to_keep``, and honours a 4D attention mask (checked once, see :meth:`_honours_4d_masks`)."""
+        if self._packs_answers is None:
+            self._packs_answers = self.keeps_chosen_logits and self.takes_position_ids and self._honours_4d_masks()
+        return self._packs_answers
+
+    def _honours_4d_masks(self) -> bool:
+        """Pack one answer after two different ones of the same length: with the mask honoured it cannot see
+        them, so its score is the same (the same arithmetic in any dtype); an LM that ignored the mask would
+        let it attend to them."""
+        a, b, c = self.tokenize(["a probe prompt of a few words"], max_length=8)[0][:3]
+        device = self.model.get_input_embeddings().weight.device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                embeds = self.model.get_input_embeddings()(torch.tensor([[a, b, c]], device=device))
+                prompt = PromptBatch(embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device))
+                scores = [self._score_packed(prompt, answers, 2, _padded_labels(
+                    [ids + [self.tokenizer.eos_token_id] for ids in answers], device))[0][1]
+                    for answers in ([[a, b], [c]], [[c, a], [c]])]
+        finally:
+            self.model.train(was_training)
+        if not torch.allclose(scores[0], scores[1], rtol=1e-6, atol=0.0):
+            logger.warning("%s ignores a 4D attention mask: answers are scored on the prompt's key/value cache",
+                           type(self.model).__name__)
+            return False
+        return True
+
+    def _score_packed(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]], num_candidates: int,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass per sample over ``[prompt, answer 1, …, answer C]``, each answer in a block of ``width`` tokens
+        (its eos is only a target) that sees the prompt's real tokens and its own block causally."""
+        embeds, prompt_real = prompt.inputs_embeds, prompt.attention_mask.bool()
+        batch_size, prompt_length, _ = embeds.shape
+        device, width = embeds.device, max(1, max(len(ids) for ids in answer_ids))
+        tokens = torch.full((len(answer_ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        for row, ids in enumerate(answer_ids):
+            tokens[row, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        answer_real = (torch.arange(width)[None, :] < torch.tensor([len(ids) for ids in answer_ids])[:, None])
+        tokens = tokens.to(device).view(batch_size, num_candidates * width)
+        answer_real = answer_real.to(device).view(batch_size, num_candidates * width)
+        inputs = torch.cat([embeds, self.model.get_input_embeddings()(tokens).to(embeds.dtype)], dim=1)
+
+        # positions: the prompt counts its real tokens (left padding); every answer continues from its end
+        prompt_positions = (prompt.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        answer_positions = prompt_positions[:, -1:] + 1 + torch.arange(width, device=device).repeat(num_candidates)
+        # who sees whom: causal, within the prompt or one answer's block, real keys only; every row sees itself
+        length = prompt_length + num_candidates * width
+        block = torch.cat([torch.full((prompt_length,), -1, device=device),
+                           torch.arange(num_candidates, device=device).repeat_interleave(width)])
+        index = torch.arange(length, device=device)
+        visible = (index[None, :] <= index[:, None]) & ((block[:, None] == block[None, :]) | (block[None, :] == -1))
+        visible = (visible[None] & torch.cat([prompt_real, answer_real], dim=1)[:, None, :]) | torch.eye(
+            length, dtype=torch.bool, device=device)
+        mask = torch.zeros((batch_size, 1, length, length), dtype=embeds.dtype, device=device)
+        mask.masked_fill_(~visible[:, None], torch.finfo(embeds.dtype).min)  # the additive form 4D masks take
+
+        logits = self.model(inputs_embeds=inputs, attention_mask=mask,
+                            position_ids=torch.cat([prompt_positions, answer_positions], dim=1),
+                            logits_to_keep=num_candidates * width + 1).logits
+        # the prompt's last logits predict each answer's first token, answer token i's predict token i + 1
+        vocabulary = logits.shape[-1]
+        first = logits[:, :1].expand(-1, num_candidates, -1).reshape(-1, 1, vocabulary)
+        rest = logits[:, 1:].reshape(-1, width, vocabulary)
+        return _summed_log_probs(torch.cat([first, rest], dim=1)[:, : labels.shape[1]], labels)
+
+    def _score_on_cache(self, prompt: PromptBatch, num_candidates: int,
+                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt once, then every answer on its key/value cache."""
         positions = (prompt.attention_mask.cumsum(dim=1) - 1).clamp(min=0)  # left padding: count real tokens
         keep_last = {"logits_to_keep": 1} if self.keeps_chosen_logits else {}
         first = self.model(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask,
                            use_cache=True, **self._positions(positions), **keep_last)
         cache = _repeat_cache(first.past_key_values, num_candidates)
+        prompt_mask = prompt.attention_mask.repeat_interleave(num_candidates, dim=0)
         answer_mask = (labels != IGNORE_INDEX).long()
         answer_positions = positions[:, -1:].repeat_interleave(num_candidates, dim=0) + 1 + torch.arange(
             labels.shape[1], device=labels.device)
-        rest = self.model(input_ids=labels.masked_fill(labels == IGNORE_INDEX, pad),
+        rest = self.model(input_ids=labels.masked_fill(labels == IGNORE_INDEX, self.tokenizer.pad_token_id),
                           attention_mask=torch.cat([prompt_mask, answer_mask], dim=1), past_key_values=cache,
                           use_cache=True, **self._positions(answer_positions)).logits
         # the prompt's last logits predict the first answer token, answer token i's predict token i + 1
