@@ -1,8 +1,12 @@
 """Zero-shot diagnosis latency per case: ranking the 3 class answers vs generating an answer,
 then throughput at several batch sizes with the share of each part.
 
-* ``ranking``     ``predict_answers`` over the class answers (one LM pass over 3 candidate prompts);
+* ``ranking``     ``predict_answers`` over the class answers (one LM pass over the prompt and the 3 answers);
 * ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8);
+* ``multiple choice``  4 choices after M3D-VQA's closed-ended prompt (no EHR text, as ``m3d_vqa``), ms per case
+                  at batch 1 and ``--choice-batch`` (default 8) for the three ways the LM can score them: one
+                  sequence per choice (the ranking before shared prefixes), the prompt's key/value cache, one
+                  pass over prompt and choices (what ``predict_answers`` does with this LM); all three agree;
 * ``throughput``  cases/s of ranking from the file (read, preprocess, model) at ``--batch-sizes``, and the
                   share of the time in reading, preprocessing (template registration included), the vision
                   encoder, the Q-Former and the LM. Needs ``--annotations`` (synthetic cases have no file).
@@ -25,6 +29,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for train_step.synthetic_cohort
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the one-sequence-per-candidate reference
 
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -32,9 +37,12 @@ from omegaconf import OmegaConf  # noqa: E402
 import lavis_medblip  # noqa: E402,F401  (registers resolvers, model, processors)
 from lavis.common.registry import registry  # noqa: E402
 
+from lavis_medblip.annotations.m3d_vqa import closed_question, format_choice  # noqa: E402
 from lavis_medblip.annotations.schema import CLASS_ANSWERS, CLASS_NAMES, read_annotations  # noqa: E402
+from lavis_medblip.datasets.m3d_vqa import DEFAULT_PROMPT_TEMPLATE  # noqa: E402
 from lavis_medblip.models import MedBLIP  # noqa: E402
 from lavis_medblip.tasks.metrics import INVALID, match_generated_answer  # noqa: E402
+from test_shared_prefix_ranking import scores_one_sequence_each  # noqa: E402
 from train_step import synthetic_cohort  # noqa: E402
 
 
@@ -53,6 +61,45 @@ def annotated_cases(path: str, preprocess: OmegaConf, limit: int) -> list[dict]:
     return [{"image": processors["vis_processor"](str(Path(path).parent / record.image)),
              "text": processors["text_processor"](record.text), "label": CLASS_NAMES.index(record.label)}
             for record in records]
+
+
+#: An AD-related closed-ended M3D-VQA question (the kind M3D-VQA-AD keeps), with its four choices.
+M3D_QUESTION = "Which abnormality is most evident in the medial temporal lobes in this image?"
+M3D_CHOICES = {"A": "Bilateral hippocampal atrophy", "B": "Acute cerebellar infarct",
+               "C": "Frontal lobe glioma", "D": "No abnormality is seen"}
+
+
+def multiple_choice(model: MedBLIP, cases: list[dict], batch_sizes: list[int], repeats: int) -> None:
+    """ms per case of the three ways to score 4 choices, at each batch size (median of ``repeats``)."""
+    prompt = DEFAULT_PROMPT_TEMPLATE.format(question=closed_question(M3D_QUESTION, M3D_CHOICES))
+    choices = [format_choice(letter, choice) for letter, choice in M3D_CHOICES.items()]
+    lm = model.language_model
+    packs = lm.packs_answers
+
+    def scores(method: str, samples: dict) -> torch.Tensor:
+        if method == "one sequence per choice":
+            return scores_one_sequence_each(model, samples, choices)
+        lm._packs_answers = method == "one pass"  # the switch predict_answers reads (benchmark only)
+        return model.predict_answers(samples, choices).scores
+
+    methods = ["one sequence per choice", "prompt's cache"] + (["one pass"] if packs else [])
+    print(f"\nmultiple choice: 4 choices after M3D-VQA's closed-ended prompt ({len(lm.tokenize([prompt], 512)[0])} "
+          f"prompt tokens + {model.config.qformer.num_queries} image tokens), ms per case, median of {repeats}")
+    print(f"{'batch':>5}" + "".join(f"{method:>26}" for method in methods) + "   fastest vs one sequence per choice")
+    for batch_size in batch_sizes:
+        batch = (cases * batch_size)[:batch_size]
+        samples = {"image": torch.stack([case["image"] for case in batch]), "text_input": [""] * batch_size,
+                   "question": [prompt] * batch_size}
+        with torch.no_grad():
+            reference = scores(methods[0], samples)
+            times = {}
+            for method in methods:
+                torch.testing.assert_close(scores(method, samples), reference, rtol=1e-4, atol=1e-5)
+                times[method] = statistics.median(
+                    milliseconds(scores, method, samples)[0] for _ in range(repeats)) / batch_size
+        print(f"{batch_size:>5}" + "".join(f"{times[method]:>26.0f}" for method in methods)
+              + f"   {times[methods[0]] / min(times.values()):.2f}x")
+    lm._packs_answers = packs
 
 
 PARTS = ("read", "preprocess", "vision", "qformer", "lm")
@@ -122,6 +169,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16], help="throughput batch sizes")
     parser.add_argument("--throughput-cases", type=int, default=32, help="cases per throughput measurement")
+    parser.add_argument("--choice-batch", type=int, default=8, help="the multiple-choice comparison's larger batch")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats of each multiple-choice measurement")
     args = parser.parse_args()
 
     if args.threads:
@@ -176,6 +225,7 @@ def main() -> None:
     else:
         print("accuracy: against the synthetic labels (EHR scores follow the label; the volume is one template)")
     print(f"example generation: {texts[0]!r}")
+    multiple_choice(model, cases, [1, args.choice_batch], args.repeats)
     if args.annotations:
         throughput(model, demo_config.preprocess, args.annotations, args.throughput_cases, args.batch_sizes,
                    class_answers)

@@ -24,11 +24,12 @@ ARCHITECTURES = {
 
 
 def scores_one_sequence_each(model: MedBLIP, samples: dict, candidates: list[str]) -> torch.Tensor:
-    """The reference: every (sample, candidate) pair laid out and run as its own right-padded sequence."""
+    """The reference (and the ranking before shared prefixes, which benchmarks/zeroshot.py times): every
+    (sample, candidate) pair laid out and run as its own right-padded sequence."""
     repeat = len(candidates)
     prefix = model.visual_prefix(samples["image"])[1].repeat_interleave(repeat, dim=0)
     texts = [text for text in samples["text_input"] for _ in range(repeat)]
-    questions = model._questions({}, len(texts))
+    questions = [question for question in model._questions(samples, len(samples["text_input"])) for _ in range(repeat)]
     batch = model.language_model.build_batch(prefix, model._prompt_ids(texts, questions), model.prompt_order,
                                              model._answer_ids(candidates * len(samples["text_input"])))
     total, count = model.language_model.answer_log_likelihood(batch)
