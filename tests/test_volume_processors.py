@@ -28,6 +28,7 @@ from lavis_medblip.processors.volume_types import (
     VolumeTransformError,
 )
 from lavis_medblip.processors.transforms import Compose, EnsureVolume3D, ToCanonicalRAS, resize_trilinear_into
+from lavis_medblip.processors.template import template_reference
 from lavis_medblip.processors.volume import MriVolumeEvalProcessor, MriVolumeTrainProcessor
 
 SIZE = 32
@@ -738,6 +739,26 @@ def test_registration_undoes_the_shift_that_a_cropped_neck_causes(icbm, tmp_path
     output = registered(cropped)
     assert float(output.max()) == 1.0 and abs(float(output[output > 0].mean()) - 0.5) < 0.01
     assert brain.float().mean() < 0.4  # the brain, not the head (measured: 0.33 of the cube)
+
+
+def test_a_registered_volume_does_not_depend_on_the_number_of_threads(icbm, tmp_path):
+    # predict's DataLoader workers preprocess with one thread and build their own template, an in-process read
+    # uses every thread: the same scan must give the model the same input (float32 sums in the head's centre
+    # and the fit once moved the demo's inputs by up to 0.09)
+    data = np.asarray(icbm.dataobj).copy()
+    data[:, :, :40] = 0
+    cropped = save(nib.Nifti1Image(data, icbm.affine), tmp_path / "cropped.nii.gz")
+    processor = registering_processor(image_size=48, template_deviation_scale=0.05)
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            template_reference.cache_clear()  # as in a fresh worker process
+            outputs.append(processor(cropped))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*outputs)
 
 
 def test_template_deviation_is_zero_for_the_template_and_signed_elsewhere(icbm, tmp_path):

@@ -96,9 +96,11 @@ class RegisterToTemplate:
         voxel, so the brain's edge counts and the neck and face, which sites crop, do not.
         """
         factor = max(1, round(self.FIT_SPACING_MM * self.size / self.field_of_view_mm))
-        moving, fixed = F.avg_pool3d(moving, factor, ceil_mode=True), F.avg_pool3d(fixed, factor, ceil_mode=True)
+        # float64: float32 sums over the grid round differently with the number of threads (a DataLoader worker
+        # has one), and 60 steps carry that into the affine; in float64 it stays far below float32's precision
+        moving, fixed = (F.avg_pool3d(image.double(), factor, ceil_mode=True) for image in (moving, fixed))
         weight = F.avg_pool3d(F.avg_pool3d(weight, factor, ceil_mode=True), 3, stride=1, padding=1) > 0
-        theta = torch.eye(3, 4)[None].requires_grad_(True)
+        theta = torch.eye(3, 4, dtype=torch.float64)[None].requires_grad_(True)
         optimizer = torch.optim.Adam([theta], lr=self.learning_rate)
         with torch.enable_grad():
             for _ in range(self.iterations):
@@ -107,4 +109,4 @@ class RegisterToTemplate:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        return theta.detach()
+        return theta.detach().float()

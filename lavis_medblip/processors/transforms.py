@@ -291,7 +291,7 @@ def head_centre_mm(volume: Volume) -> np.ndarray:
     mask = head_mask(torch.as_tensor(volume.data, dtype=torch.float32)[None])[0]
     if not mask.any():
         raise VolumeReadError(volume.source, "no head found (nothing above 15% of the 99th intensity percentile)")
-    centre_index = np.array([float(i.float().mean()) for i in torch.nonzero(mask, as_tuple=True)])
+    centre_index = np.array([float(i.double().mean()) for i in torch.nonzero(mask, as_tuple=True)])  # float32 sums vary with threads
     return volume.affine[:3, :3] @ centre_index + volume.affine[:3, 3]
 
 
