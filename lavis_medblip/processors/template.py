@@ -14,7 +14,7 @@ from lavis_medblip.assets import ICBM_BRAIN_MASK, ICBM_T1
 from lavis_medblip.processors.readers import load_volume
 from lavis_medblip.processors.transforms import (
     Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ResampleToFieldOfView, ScaleIntensityPercentiles,
-    ToCanonicalRAS, head_centre_mm, quantiles_within,
+    ToCanonicalRAS, head_centre_mm, one_thread, quantiles_within,
 )
 from lavis_medblip.processors.volume_types import TemplateAlignment, Volume
 
@@ -96,17 +96,15 @@ class RegisterToTemplate:
         voxel, so the brain's edge counts and the neck and face, which sites crop, do not.
         """
         factor = max(1, round(self.FIT_SPACING_MM * self.size / self.field_of_view_mm))
-        # float64: float32 sums over the grid round differently with the number of threads (a DataLoader worker
-        # has one), and 60 steps carry that into the affine; in float64 it stays far below float32's precision
-        moving, fixed = (F.avg_pool3d(image.double(), factor, ceil_mode=True) for image in (moving, fixed))
+        moving, fixed = F.avg_pool3d(moving, factor, ceil_mode=True), F.avg_pool3d(fixed, factor, ceil_mode=True)
         weight = F.avg_pool3d(F.avg_pool3d(weight, factor, ceil_mode=True), 3, stride=1, padding=1) > 0
-        theta = torch.eye(3, 4, dtype=torch.float64)[None].requires_grad_(True)
+        theta = torch.eye(3, 4)[None].requires_grad_(True)
         optimizer = torch.optim.Adam([theta], lr=self.learning_rate)
-        with torch.enable_grad():
+        with torch.enable_grad(), one_thread():  # 60 steps would carry a thread-dependent rounding into the affine
             for _ in range(self.iterations):
                 grid = F.affine_grid(theta, list(moving.shape), align_corners=False)
                 loss = (F.grid_sample(moving, grid, align_corners=False) - fixed)[weight].pow(2).mean()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-        return theta.detach().float()
+        return theta.detach()

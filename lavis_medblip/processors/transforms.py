@@ -4,10 +4,11 @@ intensity normalisation. :class:`Compose` chains them and names the transform an
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import replace
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -286,12 +287,25 @@ def head_mask(cube: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
     return torch.from_numpy(mask)[None]
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run long float32 sums on one thread: their rounding depends on how the work is split, and a scan must give
+    the same volume in a DataLoader worker (one thread, as the training cache is filled) and in the main process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def head_centre_mm(volume: Volume) -> np.ndarray:
     """The head mask's centre of mass in world (RAS) mm."""
     mask = head_mask(torch.as_tensor(volume.data, dtype=torch.float32)[None])[0]
     if not mask.any():
         raise VolumeReadError(volume.source, "no head found (nothing above 15% of the 99th intensity percentile)")
-    centre_index = np.array([float(i.double().mean()) for i in torch.nonzero(mask, as_tuple=True)])  # float32 sums vary with threads
+    with one_thread():
+        centre_index = np.array([float(i.float().mean()) for i in torch.nonzero(mask, as_tuple=True)])
     return volume.affine[:3, :3] @ centre_index + volume.affine[:3, 3]
 
 

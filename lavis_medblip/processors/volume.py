@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 VolumeInput = Union[str, os.PathLike, np.ndarray, torch.Tensor]
 
 # Bump when a change to the deterministic pipeline changes its output: invalidates caches.
-PIPELINE_VERSION = 2  # 2: the head centre and the registration fit no longer vary with the thread count
+PIPELINE_VERSION = 1
 
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 INTENSITY_NORMALIZATIONS = ("percentiles", "head_quantiles")
