@@ -14,8 +14,9 @@ from lavis_medblip.assets import ICBM_BRAIN_MASK, ICBM_T1
 from lavis_medblip.processors.readers import load_volume
 from lavis_medblip.processors.transforms import (
     Compose, CorrectBiasField, EnsureVolume3D, HeadQuantileNormalize, ResampleToFieldOfView, ScaleIntensityPercentiles,
-    ToCanonicalRAS, head_centre_mm, one_thread, quantiles_within,
+    ToCanonicalRAS, head_centre_mm, quantiles_within,
 )
+from lavis_medblip.processors.threads import one_thread
 from lavis_medblip.processors.volume_types import TemplateAlignment, Volume
 
 

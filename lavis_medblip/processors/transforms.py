@@ -1,14 +1,12 @@
 """Deterministic volume transforms, MONAI-style (small classes with ``__call__``, :class:`Volume` in and out):
 reorientation, non-finite replacement, percentile scaling, resize and pad, field of view, bias field and
-intensity normalisation. :class:`Compose` chains them and names the transform and the file on failure.
-"""
+intensity normalisation. :class:`Compose` chains them and names the transform and the file on failure."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import replace
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -16,6 +14,7 @@ import torch.nn.functional as F
 from nibabel import orientations
 from scipy import ndimage
 
+from lavis_medblip.processors.threads import one_thread
 from lavis_medblip.processors.volume_types import (
     ConstantVolumeWarning, DegenerateVolumeNote, DegenerateVolumeWarning, NonFiniteVolumeWarning, Volume, VolumeLimits,
     VolumeReadError, VolumeTransformError,
@@ -285,18 +284,6 @@ def head_mask(cube: torch.Tensor, threshold: float = 0.15) -> torch.Tensor:
         mask = labels == int(sizes.argmax())
     mask = ndimage.binary_fill_holes(mask)
     return torch.from_numpy(mask)[None]
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run long float32 sums on one thread: their rounding depends on how the work is split, and a scan must give
-    the same volume in a DataLoader worker (one thread, as the training cache is filled) and in the main process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def head_centre_mm(volume: Volume) -> np.ndarray:
