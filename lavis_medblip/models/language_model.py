@@ -202,16 +202,15 @@ class LanguageModel(nn.Module):
             Per candidate, sample-major: the summed log-probability of its answer tokens (eos included) and
             their count.
         """
-        labels = _padded_labels([list(ids) + [self.tokenizer.eos_token_id] for ids in answer_ids],
-                                prompt.inputs_embeds.device)
+        if not self.is_encoder_decoder and self.packs_answers:
+            return self._score_packed(prompt, answer_ids, num_candidates)
+        labels = self._answer_labels(answer_ids, prompt.inputs_embeds.device)
         if self.is_encoder_decoder:
             encoded = self.model.get_encoder()(inputs_embeds=prompt.inputs_embeds, attention_mask=prompt.attention_mask)
             hidden = encoded.last_hidden_state.repeat_interleave(num_candidates, dim=0)
             prompt_mask = prompt.attention_mask.repeat_interleave(num_candidates, dim=0)
             logits = self.model(encoder_outputs=(hidden,), attention_mask=prompt_mask, labels=labels).logits
             return _summed_log_probs(logits, labels)
-        if self.packs_answers:
-            return self._score_packed(prompt, answer_ids, num_candidates, labels)
         return self._score_on_cache(prompt, num_candidates, labels)
 
     @property
@@ -234,9 +233,7 @@ class LanguageModel(nn.Module):
             with torch.no_grad():
                 embeds = self.model.get_input_embeddings()(torch.tensor([[a, b, c]], device=device))
                 prompt = PromptBatch(embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=device))
-                scores = [self._score_packed(prompt, answers, 2, _padded_labels(
-                    [ids + [self.tokenizer.eos_token_id] for ids in answers], device))[0][1]
-                    for answers in ([[a, b], [c]], [[c, a], [c]])]
+                scores = [self._score_packed(prompt, answers, 2)[0][1] for answers in ([[a, b], [c]], [[c, a], [c]])]
         finally:
             self.model.train(was_training)
         if not torch.allclose(scores[0], scores[1], rtol=1e-6, atol=0.0):
@@ -245,8 +242,12 @@ class LanguageModel(nn.Module):
             return False
         return True
 
-    def _score_packed(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]], num_candidates: int,
-                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _answer_labels(self, answer_ids: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
+        """Each answer's tokens and eos, padded with ``IGNORE_INDEX``."""
+        return _padded_labels([list(ids) + [self.tokenizer.eos_token_id] for ids in answer_ids], device)
+
+    def _score_packed(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]],
+                      num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One pass per sample over ``[prompt, answer 1, …, answer C]``, each answer in a block of ``width`` tokens
         (its eos is only a target) that sees the prompt's real tokens and its own block causally."""
         embeds, prompt_real = prompt.inputs_embeds, prompt.attention_mask.bool()
@@ -281,6 +282,7 @@ class LanguageModel(nn.Module):
         vocabulary = logits.shape[-1]
         first = logits[:, :1].expand(-1, num_candidates, -1).reshape(-1, 1, vocabulary)
         rest = logits[:, 1:].reshape(-1, width, vocabulary)
+        labels = self._answer_labels(answer_ids, device)
         return _summed_log_probs(torch.cat([first, rest], dim=1)[:, : labels.shape[1]], labels)
 
     def _score_on_cache(self, prompt: PromptBatch, num_candidates: int,
