@@ -1,5 +1,22 @@
 """EHR record → the description sentence the model reads (the paper's text T).
 A missing field (None, NaN, empty) is left out of the sentence, never written as "nan".
+
+MMSE and global CDR are written with the dementia stage the clinical literature gives their value:
+"MMSE 24/30 (mild dementia range), CDR 0.5 (questionable dementia)". The stage is derived from the number
+alone (the number stays in the text), with published cut-offs, never fitted on any cohort's labels:
+
+- MMSE (out of 30), Perneczky et al. 2006, mapped onto CDR stages: 30 no dementia, 26–29 questionable,
+  21–25 mild, 11–20 moderate, 0–10 severe dementia (R. Perneczky, S. Wagenpfeil, K. Komossa, T. Grimmer,
+  J. Diehl, A. Kurz, "Mapping scores onto stages: mini-mental state examination and clinical dementia rating",
+  Am J Geriatr Psychiatry 14(2):139–144, 2006). A value outside 0–30 is written as it is, without a stage.
+- Global CDR, Hughes et al. 1982 and Morris 1993: 0 no dementia, 0.5 questionable, 1 mild, 2 moderate,
+  3 severe dementia (C. P. Hughes et al., "A new clinical scale for the staging of dementia", Br J Psychiatry
+  140:566–572, 1982; J. C. Morris, "The Clinical Dementia Rating (CDR): current version and scoring rules",
+  Neurology 43(11):2412–2414, 1993). Another value is written as it is.
+
+Why: a small LM (SmolLM2) reads "MMSE 24" as the digits "2", "4", each value its own rare token pair, and
+fine-tuned on a few hundred subjects it does not learn what the values mean; a stage name is shared by every
+subject in its range (README, Limitations).
 """
 from __future__ import annotations
 
@@ -8,6 +25,14 @@ from typing import Any, Mapping
 
 #: The paper's question (eq. 2); the prompt ends with it, the answer follows.
 DIAGNOSIS_QUESTION = "Question: What will this subject be diagnosed with? Answer:"
+
+#: MMSE lower bound → dementia stage (Perneczky et al. 2006), highest first; valid scores are 0 to 30.
+MMSE_STAGES: tuple[tuple[float, str], ...] = (
+    (30, "no dementia"), (26, "questionable dementia"), (21, "mild dementia"), (11, "moderate dementia"),
+    (0, "severe dementia"))
+#: Global CDR → dementia stage (Hughes et al. 1982; Morris 1993).
+CDR_STAGES: dict[float, str] = {0.0: "no dementia", 0.5: "questionable dementia", 1.0: "mild dementia",
+                                2.0: "moderate dementia", 3.0: "severe dementia"}
 
 _SEX_WORDS = {"f": "female", "female": "female", "2": "female", "m": "male", "male": "male", "1": "male"}
 
@@ -30,8 +55,37 @@ def _number(value: Any) -> str:
     return str(int(number)) if number.is_integer() else f"{number:.1f}"
 
 
+def mmse_stage(value: Any) -> str | None:
+    """The dementia stage of an MMSE score (:data:`MMSE_STAGES`), ``None`` outside 0–30."""
+    score = float(value)
+    if not 0 <= score <= 30:
+        return None
+    return next(stage for lower, stage in MMSE_STAGES if score >= lower)
+
+
+def describe_mmse(value: Any) -> str:
+    """``"MMSE 24/30 (mild dementia range)"``; a score outside 0–30 as it is (``"MMSE 88"``)."""
+    stage = mmse_stage(value)
+    return f"MMSE {_number(value)}" + (f"/30 ({stage} range)" if stage else "")
+
+
+def describe_cdr(value: Any) -> str:
+    """``"CDR 0.5 (questionable dementia)"``; a value that is no CDR stage as it is."""
+    stage = CDR_STAGES.get(float(value))
+    return f"CDR {_number(value)}" + (f" ({stage})" if stage else "")
+
+
+#: Scores in the order they are written, each field's writer.
+_SCORES = (("mmse", describe_mmse), ("cdr_global", describe_cdr),
+           *((key, lambda value, name=name: f"{name} {_number(value)}") for key, name in (
+               ("cdr_sb", "CDR-SB"), ("logical_memory_delayed", "logical memory delayed recall"),
+               ("adas13", "ADAS-13"), ("faq", "FAQ"), ("apoe4", "APOE4 allele count"))))
+
+
 def describe_ehr(ehr: Mapping[str, Any]) -> str:
-    """One or two sentences from the EHR fields in :data:`lavis_medblip.annotations.schema.EHR_FIELDS`."""
+    """One or two sentences from the EHR fields in :data:`lavis_medblip.annotations.schema.EHR_FIELDS`, e.g.
+    "A 75-year-old female with 12 years of education. MMSE 24/30 (mild dementia range), CDR 0.5 (questionable
+    dementia)."."""
     present = {key: value for key, value in ehr.items() if not is_missing(value)}
     subject = []
     if "age" in present:
@@ -47,12 +101,7 @@ def describe_ehr(ehr: Mapping[str, Any]) -> str:
         details.append(f"socio-economic status {_number(present['ses'])}")
     if details:
         sentence += " with " + " and ".join(details)
-    scores = []
-    for key, name in (("mmse", "MMSE"), ("cdr_global", "CDR"), ("cdr_sb", "CDR-SB"),
-                      ("logical_memory_delayed", "logical memory delayed recall"), ("adas13", "ADAS-13"),
-                      ("faq", "FAQ"), ("apoe4", "APOE4 allele count")):
-        if key in present:
-            scores.append(f"{name} {_number(present[key])}")
+    scores = [write(present[key]) for key, write in _SCORES if key in present]
     text = sentence + "."
     if scores:
         text += " " + ", ".join(scores) + "."
