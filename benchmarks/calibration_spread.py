@@ -22,6 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
 from lavis_medblip.cli.demo import HELD_OUT, IMAGE_ONLY, TEXT_ONLY, Demo, job_dir  # noqa: E402
@@ -48,8 +49,8 @@ def raw_scores(demo: Demo, model: str, options: list[str]) -> dict[str, tuple[np
 
 
 def balanced_accuracy(calibration: Calibration, scores: np.ndarray, labels: np.ndarray) -> float:
-    logits = scores / calibration.temperature + np.asarray(calibration.class_bias or 0.0)
-    return float(balanced_accuracy_score(labels, logits.argmax(axis=1)))
+    predictions = calibration.logits(torch.as_tensor(scores)).argmax(dim=1)
+    return float(balanced_accuracy_score(labels, predictions.numpy()))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -202,7 +202,7 @@ class LanguageModel(nn.Module):
             Per candidate, sample-major: the summed log-probability of its answer tokens (eos included) and
             their count.
         """
-        if not self.is_encoder_decoder and self.packs_answers:
+        if self.packs_answers:
             return self._score_packed(prompt, answer_ids, num_candidates)
         labels = self._answer_labels(answer_ids, prompt.inputs_embeds.device)
         if self.is_encoder_decoder:
@@ -215,10 +215,12 @@ class LanguageModel(nn.Module):
 
     @property
     def packs_answers(self) -> bool:
-        """Whether :meth:`score_answers` runs prompt and answers in one pass: the LM takes ``position_ids`` and
-        ``logits_to_keep``, and honours a 4D attention mask (checked once, see :meth:`_honours_4d_masks`)."""
+        """Whether :meth:`score_answers` runs prompt and answers in one pass: a decoder-only LM that takes
+        ``position_ids`` and ``logits_to_keep``, and honours a 4D attention mask (checked once, see
+        :meth:`_honours_4d_masks`)."""
         if self._packs_answers is None:
-            self._packs_answers = self.keeps_chosen_logits and self.takes_position_ids and self._honours_4d_masks()
+            self._packs_answers = (not self.is_encoder_decoder and self.keeps_chosen_logits
+                                   and self.takes_position_ids and self._honours_4d_masks())
         return self._packs_answers
 
     def _honours_4d_masks(self) -> bool:
