@@ -293,7 +293,7 @@ def test_oasis2_is_demented_vs_not_with_converters_by_cdr(tmp_path: Path) -> Non
         ("OAS2_0020", "MR1"): "NC", ("OAS2_0020", "MR2"): "AD"}
     assert all(record.image.endswith("mpr-1.nifti.img") and record.cohort == "OASIS-2" for record in records.values())
     assert records[("OAS2_0002", "MR1")].text == ("A 75-year-old male with 12 years of education. "
-                                                        "MMSE 23/30 (mild dementia range), CDR 0.5 (questionable dementia).")
+                                                        "MMSE 23/30 (mild dementia range), CDR 0.5 (very mild dementia).")
     found = report(out)
     assert found["counts"]["extra_scans"] == 5 and found["counts"]["unmatched_rows"] == 1
     assert found["options"]["classes"] == ["NC", "AD"]
@@ -363,7 +363,7 @@ def test_aibl_merges_the_tables_and_is_all_test(tmp_path: Path) -> None:
     assert records[("1", "bl")].text == (
         "A 77.1-year-old female. MMSE 29/30 (questionable dementia range), CDR 0 (no dementia), "
         "logical memory delayed recall 12.")
-    assert records[("1", "m18")].text == "A 78.6-year-old female. CDR 0.5 (questionable dementia)."  # MMSE -4 is missing
+    assert records[("1", "m18")].text == "A 78.6-year-old female. CDR 0.5 (very mild dementia)."  # MMSE -4 is missing
     assert records[("2", "bl")].ehr["logical_memory_delayed"] is None and records[("2", "bl")].site == "2"
     found = report(out)
     assert [item["code"] for item in found["unknown_labels"]] == ["-4"]

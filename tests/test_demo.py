@@ -53,26 +53,6 @@ def test_ehr_regression_reads_the_fields_and_their_missingness():
     assert 0 <= metrics["ece"] < 0.2 and model.predict_proba(records[:3]).sum(axis=1) == pytest.approx(1.0)
 
 
-def test_stage_two_takes_the_text_only_models_lora(tmp_path):
-    import torch
-
-    lora = "lm.model.layers.0.self_attn.q_proj.lora_A.default.weight"
-    stage1, text_only = tmp_path / "stage1.pth", tmp_path / "text_only.pth"
-    torch.save({"model": {"qformer.query": torch.ones(2), lora: torch.zeros(2)}, "config": {"arch": "medblip"},
-                "optimizer": {}}, stage1)
-    torch.save({"model": {"qformer.query": torch.full((2,), 9.0), lora: torch.full((2,), 5.0)}}, text_only)
-
-    start = demo.with_lora_of(stage1, text_only, tmp_path / "start.pth")
-
-    merged = torch.load(start, weights_only=True)
-    assert merged["model"]["qformer.query"].tolist() == [1.0, 1.0]  # everything else from stage 1
-    assert merged["model"][lora].tolist() == [5.0, 5.0]  # the LoRA weights from the text-only run
-    assert merged["config"] == {"arch": "medblip"} and "optimizer" not in merged  # stage 2's optimizer starts fresh
-    torch.save({"model": {"qformer.query": torch.ones(2)}}, text_only)
-    with pytest.raises(ValueError, match="missing"):
-        demo.with_lora_of(stage1, text_only, tmp_path / "start.pth")
-
-
 @pytest.mark.slow
 def test_demo_smoke_prints_every_row_on_both_held_out_sets(tmp_path, capsys):
     demo.main(["--root", str(tmp_path), "--subjects-per-class", "8", "--max-epoch", "1"])

@@ -17,7 +17,7 @@ def test_mmse_stages_are_perneczky_2006s_ranges(score, stage):
 def test_the_sentence_keeps_each_number_and_adds_its_stage():
     assert describe_ehr({"age": 75, "sex": "F", "education_years": 12, "mmse": 24, "cdr_global": 0.5}) == (
         "A 75-year-old female with 12 years of education. MMSE 24/30 (mild dementia range), "
-        "CDR 0.5 (questionable dementia).")
+        "CDR 0.5 (very mild dementia).")
     assert describe_ehr({"mmse": 30, "cdr_global": 0}) == "A subject. MMSE 30/30 (no dementia range), CDR 0 (no dementia)."
     assert describe_ehr({"mmse": 12, "cdr_global": 3.0}) == (
         "A subject. MMSE 12/30 (moderate dementia range), CDR 3 (severe dementia).")

@@ -2,17 +2,22 @@
 A missing field (None, NaN, empty) is left out of the sentence, never written as "nan".
 
 MMSE and global CDR are written with the dementia stage the clinical literature gives their value:
-"MMSE 24/30 (mild dementia range), CDR 0.5 (questionable dementia)". The stage is derived from the number
+"MMSE 24/30 (mild dementia range), CDR 0.5 (very mild dementia)". The stage is derived from the number
 alone (the number stays in the text), with published cut-offs, never fitted on any cohort's labels:
 
 - MMSE (out of 30), Perneczky et al. 2006, mapped onto CDR stages: 30 no dementia, 26–29 questionable,
   21–25 mild, 11–20 moderate, 0–10 severe dementia (R. Perneczky, S. Wagenpfeil, K. Komossa, T. Grimmer,
   J. Diehl, A. Kurz, "Mapping scores onto stages: mini-mental state examination and clinical dementia rating",
   Am J Geriatr Psychiatry 14(2):139–144, 2006). A value outside 0–30 is written as it is, without a stage.
-- Global CDR, Hughes et al. 1982 and Morris 1993: 0 no dementia, 0.5 questionable, 1 mild, 2 moderate,
+- Global CDR, Hughes et al. 1982 and Morris 1993: 0 no dementia, 0.5 very mild, 1 mild, 2 moderate,
   3 severe dementia (C. P. Hughes et al., "A new clinical scale for the staging of dementia", Br J Psychiatry
   140:566–572, 1982; J. C. Morris, "The Clinical Dementia Rating (CDR): current version and scoring rules",
-  Neurology 43(11):2412–2414, 1993). Another value is written as it is.
+  Neurology 43(11):2412–2414, 1993). Another value is written as it is. Hughes et al. named CDR 0.5
+  "questionable dementia"; we write the name its authors' group gave it once follow-up showed most such subjects
+  had incipient Alzheimer's disease, "very mild dementia" (E. H. Rubin, J. C. Morris et al., "Very mild senile
+  dementia of the Alzheimer type. I. Clinical assessment", Arch Neurol 1989), because "questionable dementia"
+  is also the MMSE's 26–29 range: with one name for both, the demo's text-only LM read CDR 0.5 beside an MMSE of
+  26–29 as that MMSE range alone and called all such subjects NC (README, Limitations).
 
 Why: a small LM (SmolLM2) reads "MMSE 24" as the digits "2", "4", each value its own rare token pair, and
 fine-tuned on a few hundred subjects it does not learn what the values mean; a stage name is shared by every
@@ -30,8 +35,8 @@ DIAGNOSIS_QUESTION = "Question: What will this subject be diagnosed with? Answer
 MMSE_STAGES: tuple[tuple[float, str], ...] = (
     (30, "no dementia"), (26, "questionable dementia"), (21, "mild dementia"), (11, "moderate dementia"),
     (0, "severe dementia"))
-#: Global CDR → dementia stage (Hughes et al. 1982; Morris 1993).
-CDR_STAGES: dict[float, str] = {0.0: "no dementia", 0.5: "questionable dementia", 1.0: "mild dementia",
+#: Global CDR → dementia stage (Hughes et al. 1982; Morris 1993; 0.5 as Rubin, Morris et al. 1989).
+CDR_STAGES: dict[float, str] = {0.0: "no dementia", 0.5: "very mild dementia", 1.0: "mild dementia",
                                 2.0: "moderate dementia", 3.0: "severe dementia"}
 
 _SEX_WORDS = {"f": "female", "female": "female", "2": "female", "m": "male", "male": "male", "1": "male"}
@@ -70,7 +75,7 @@ def describe_mmse(value: Any) -> str:
 
 
 def describe_cdr(value: Any) -> str:
-    """``"CDR 0.5 (questionable dementia)"``; a value that is no CDR stage as it is."""
+    """``"CDR 0.5 (very mild dementia)"``; a value that is no CDR stage as it is."""
     stage = CDR_STAGES.get(float(value))
     return f"CDR {_number(value)}" + (f" ({stage})" if stage else "")
 
@@ -84,7 +89,7 @@ _SCORES = (("mmse", describe_mmse), ("cdr_global", describe_cdr),
 
 def describe_ehr(ehr: Mapping[str, Any]) -> str:
     """One or two sentences from the EHR fields in :data:`lavis_medblip.annotations.schema.EHR_FIELDS`, e.g.
-    "A 75-year-old female with 12 years of education. MMSE 24/30 (mild dementia range), CDR 0.5 (questionable
+    "A 75-year-old female with 12 years of education. MMSE 24/30 (mild dementia range), CDR 0.5 (very mild
     dementia)."."""
     present = {key: value for key, value in ehr.items() if not is_missing(value)}
     subject = []

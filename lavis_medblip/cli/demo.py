@@ -4,12 +4,11 @@
    of it (exaggerated ``--atrophy-scale`` times), four scanner sites; two held-out sets: ``test`` (a scanner
    site training never saw) and ``test_anatomy`` (training sites, an anatomy family training never saw);
    preprocess the scans into the volume cache (``python -m lavis_medblip.warm_cache``);
-2. text only (Table 2): the LM and LoRA on the EHR prompt alone, no visual prefix, trained through
-   ``python -m lavis_medblip.train`` (projects/medblip/demo_pretrain.yaml); a logistic regression on the EHR
-   fields measures what the text holds;
-3. image + text in two stages, as BLIP-2: an LM-free Q-Former stage, then the full loss, with the LM's LoRA
-   starting from the text-only model's (the LM reads the EHR before it sees images); image only (the EHR text
-   emptied) the same way, its LoRA from scratch;
+2. image + text: pretrain a small MedBLIP through ``python -m lavis_medblip.train``
+   (projects/medblip/demo_pretrain.yaml) in two stages, as BLIP-2: an LM-free Q-Former stage, then the full loss;
+3. the baselines, trained the same way: text only (the LM and LoRA on the EHR prompt alone, no visual prefix,
+   Table 2) and image only (the EHR text emptied); a logistic regression on the EHR fields measures what the
+   text holds;
 4. evaluate zero-shot (projects/medblip/demo_eval.yaml), calibrated on the training sites' validation split,
    on both held-out sets, and the image + text model again with the images shuffled across subjects (does it
    read the images?);
@@ -84,17 +83,11 @@ class Demo:
                         "predictions": json.loads((result_dir / f"{split}_epochbest_predictions.json").read_text())}
                 for split in test_sets}
 
-    def train_image_model(self, name: str, options: Sequence[str], epochs: Sequence[str],
-                          lora_from: Path | None = None) -> Path:
-        """The two stages of the image models, as BLIP-2: LM-free ITC, then the full loss from its checkpoint.
-
-        ``lora_from``: a run whose LM LoRA weights stage 2 starts from. The image + text model takes the text-only
-        model's, so its LM reads the EHR before it sees images (README, demo).
-        """
-        start = self.train(f"{name}_stage1", [*LM_FREE_STAGE, *options]) / "checkpoint_latest.pth"
-        if lora_from is not None:
-            start = with_lora_of(start, lora_from / "checkpoint_latest.pth", self.runs / f"{name}_stage2_start.pth")
-        return self.train(name, ["model.load_finetuned=true", f"model.finetuned={start}", *options, *epochs])
+    def train_image_model(self, name: str, options: Sequence[str], epochs: Sequence[str]) -> Path:
+        """The two stages of the image models, as BLIP-2: LM-free ITC, then the full loss from its checkpoint."""
+        stage1 = self.train(f"{name}_stage1", [*LM_FREE_STAGE, *options])
+        return self.train(name, ["model.load_finetuned=true", f"model.finetuned={stage1 / 'checkpoint_latest.pth'}",
+                                 *options, *epochs])
 
     def write_shuffled(self, split: str, seed: int) -> Path:
         """``<split>_images_shuffled.jsonl``: the images permuted across subjects, EHR text and labels kept.
@@ -113,23 +106,6 @@ def job_dir(output_dir: Path) -> Path:
     """The run folder the launcher made under ``output_dir`` (emptied before each run)."""
     (folder,) = [path for path in output_dir.iterdir() if path.is_dir()]
     return folder
-
-
-def with_lora_of(checkpoint: Path, lora_source: Path, out: Path) -> Path:
-    """``checkpoint`` with its LoRA weights replaced by those of ``lora_source`` (a run of the same model), at ``out``."""
-    import torch
-
-    from lavis_medblip.storage import atomic_save
-
-    base = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    lora = torch.load(lora_source, map_location="cpu", weights_only=True)["model"]
-    keys = [key for key in base["model"] if ".lora_" in key]
-    missing = sorted(set(keys) - set(lora))
-    if not keys or missing:
-        raise ValueError(f"{lora_source} cannot give {checkpoint} its LoRA weights: "
-                         f"{'it has none' if not keys else f'missing {missing[:5]}'}")
-    atomic_save({"model": {**base["model"], **{key: lora[key] for key in keys}}, "config": base["config"]}, out)
-    return out
 
 
 def read_steps(run_dir: Path) -> list[dict]:
@@ -248,9 +224,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # 2-4. train and evaluate the three models; the image + text model also on the shuffled images
     results: dict = {"steps": {}}
-    runs = {"text_only": demo.train("text_only", [*TEXT_ONLY, *epochs])}
-    runs["image_text"] = demo.train_image_model("image_text", [], epochs, lora_from=runs["text_only"])
-    runs["image_only"] = demo.train_image_model("image_only", IMAGE_ONLY, epochs)
+    runs = {"image_text": demo.train_image_model("image_text", [], epochs),
+            "text_only": demo.train("text_only", [*TEXT_ONLY, *epochs]),
+            "image_only": demo.train_image_model("image_only", IMAGE_ONLY, epochs)}
     results["steps"] = {variant: read_steps(run_dir) for variant, run_dir in runs.items()}
     timings["training"] = time.time() - start - sum(timings.values())
     for variant, options in {"image_text": [], "text_only": TEXT_ONLY, "image_only": IMAGE_ONLY}.items():
