@@ -12,12 +12,9 @@ alone (the number stays in the text), with published cut-offs, never fitted on a
 - Global CDR, Hughes et al. 1982 and Morris 1993: 0 no dementia, 0.5 very mild, 1 mild, 2 moderate,
   3 severe dementia (C. P. Hughes et al., "A new clinical scale for the staging of dementia", Br J Psychiatry
   140:566–572, 1982; J. C. Morris, "The Clinical Dementia Rating (CDR): current version and scoring rules",
-  Neurology 43(11):2412–2414, 1993). Another value is written as it is. Hughes et al. named CDR 0.5
-  "questionable dementia"; we write the name its authors' group gave it once follow-up showed most such subjects
-  had incipient Alzheimer's disease, "very mild dementia" (E. H. Rubin, J. C. Morris et al., "Very mild senile
-  dementia of the Alzheimer type. I. Clinical assessment", Arch Neurol 1989), because "questionable dementia"
-  is also the MMSE's 26–29 range: with one name for both, the demo's text-only LM read CDR 0.5 beside an MMSE of
-  26–29 as that MMSE range alone and called all such subjects NC (README, Limitations).
+  Neurology 43(11):2412–2414, 1993). Another value is written as it is. CDR 0.5 takes the name of Rubin, Morris
+  et al. ("Very mild senile dementia of the Alzheimer type. I. Clinical assessment", Arch Neurol 1989), not
+  Hughes et al.'s "questionable dementia", which is also the MMSE's 26–29 range (README, Limitations).
 
 Why: a small LM (SmolLM2) reads "MMSE 24" as the digits "2", "4", each value its own rare token pair, and
 fine-tuned on a few hundred subjects it does not learn what the values mean; a stage name is shared by every
