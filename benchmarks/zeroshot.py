@@ -3,6 +3,7 @@ then throughput at several batch sizes with the share of each part.
 
 * ``ranking``     ``predict_answers`` over the class answers (one LM pass over the prompt and the 3 answers);
 * ``generation``  ``generate``, greedy, ``--max-new-tokens`` (default 8);
+* ``LM pass``     ms of one LM pass over 1 to 96 tokens, fitted as fixed + per token: what bounds the two above;
 * ``multiple choice``  4 choices after M3D-VQA's closed-ended prompt (no EHR text, as ``m3d_vqa``), ms per case
                   at batch 1 and ``--choice-batch`` (default 8) for the three ways the LM can score them: one
                   sequence per choice (the ranking before shared prefixes), the prompt's key/value cache, one
@@ -111,6 +112,26 @@ def multiple_choice(model: MedBLIP, cases: list[dict], batch_sizes: list[int], r
                     milliseconds(scores, method, samples)[0] for _ in range(repeats)) / batch_size
         print(f"{batch_size:>5}" + "".join(f"{times[method]:>26.0f}" for method in methods)
               + f"   {times[methods[0]] / min(times.values()):.2f}x")
+
+
+def lm_pass_cost(model: MedBLIP, lengths: tuple[int, ...] = (1, 16, 32, 64, 96), repeats: int = 7) -> tuple[float, float]:
+    """ms of one LM pass (last position's logits only) over ``lengths`` tokens, median of ``repeats``, fitted
+    as fixed + per-token: what bounds ranking (one pass, longer) against generation (one pass per token)."""
+    lm = model.language_model
+    median_ms = []
+    with torch.no_grad():
+        for length in lengths:
+            embeds = torch.randn(1, length, lm.hidden_size)
+            mask = torch.ones(1, length, dtype=torch.long)
+            keep = {"logits_to_keep": 1} if lm.keeps_chosen_logits else {}
+            lm.model(inputs_embeds=embeds, attention_mask=mask, **keep)  # warm-up at this shape
+            median_ms.append(statistics.median(milliseconds(lm.model, inputs_embeds=embeds, attention_mask=mask,
+                                                            **keep)[0] for _ in range(repeats)))
+    per_token, fixed = torch.linalg.lstsq(torch.tensor([[float(n), 1.0] for n in lengths]),
+                                          torch.tensor(median_ms)[:, None]).solution.flatten().tolist()
+    print(f"\nLM pass (no cache), ms, median of {repeats}: " + ", ".join(
+        f"{n} tokens {ms:.0f}" for n, ms in zip(lengths, median_ms)) + f"; fit {fixed:.0f} ms + {per_token:.2f} ms/token")
+    return fixed, per_token
 
 
 PARTS = ("read", "preprocess", "vision", "qformer", "lm")
@@ -241,6 +262,7 @@ def main() -> None:
     else:
         print("accuracy: against the synthetic labels (EHR scores follow the label; the volume is one template)")
     print(f"example generation: {texts[0]!r}")
+    lm_pass_cost(model)
     multiple_choice(model, cases, [1, args.choice_batch], args.repeats)
     if args.annotations:
         throughput(model, demo_config.preprocess, args.annotations, args.throughput_cases, args.batch_sizes,

@@ -114,6 +114,11 @@ class MedBLIP(BundleMixin, Blip2Base):
         self.finetuned_keys: set[str] = set()  # loaded by load_checkpoint: later checkpoints keep them
         self.calibration = Calibration()  # of probs and predictions; the identity unless a checkpoint holds one
 
+    @property
+    def device(self) -> torch.device:
+        # LAVIS lists every parameter for this (8 ms here), and maybe_autocast asks twice per forward
+        return next(self.parameters()).device
+
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
     def default_config_path(cls, model_type: str) -> ComposedConfigPath:
