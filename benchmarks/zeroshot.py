@@ -114,7 +114,8 @@ def multiple_choice(model: MedBLIP, cases: list[dict], batch_sizes: list[int], r
               + f"   {times[methods[0]] / min(times.values()):.2f}x")
 
 
-def lm_pass_cost(model: MedBLIP, lengths: tuple[int, ...] = (1, 16, 32, 64, 96), repeats: int = 7) -> tuple[float, float]:
+def lm_pass_cost(model: MedBLIP, lengths: tuple[int, ...] = (1, 16, 32, 64, 96),
+                 repeats: int = 7) -> tuple[float, float]:
     """ms of one LM pass (last position's logits only) over ``lengths`` tokens, median of ``repeats``, fitted
     as fixed + per-token: what bounds ranking (one pass, longer) against generation (one pass per token)."""
     lm = model.language_model
