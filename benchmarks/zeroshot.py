@@ -114,25 +114,22 @@ def multiple_choice(model: MedBLIP, cases: list[dict], batch_sizes: list[int], r
               + f"   {times[methods[0]] / min(times.values()):.2f}x")
 
 
-def lm_pass_cost(model: MedBLIP, lengths: tuple[int, ...] = (1, 16, 32, 64, 96),
-                 repeats: int = 7) -> tuple[float, float]:
+def lm_pass_cost(model: MedBLIP, lengths: tuple[int, ...] = (1, 16, 32, 64, 96), repeats: int = 7) -> None:
     """ms of one LM pass (last position's logits only) over ``lengths`` tokens, median of ``repeats``, fitted
     as fixed + per-token: what bounds ranking (one pass, longer) against generation (one pass per token)."""
     lm = model.language_model
+    keep = {"logits_to_keep": 1} if lm.keeps_chosen_logits else {}
     median_ms = []
     with torch.no_grad():
         for length in lengths:
-            embeds = torch.randn(1, length, lm.hidden_size)
-            mask = torch.ones(1, length, dtype=torch.long)
-            keep = {"logits_to_keep": 1} if lm.keeps_chosen_logits else {}
-            lm.model(inputs_embeds=embeds, attention_mask=mask, **keep)  # warm-up at this shape
-            median_ms.append(statistics.median(milliseconds(lm.model, inputs_embeds=embeds, attention_mask=mask,
-                                                            **keep)[0] for _ in range(repeats)))
+            inputs = {"inputs_embeds": torch.randn(1, length, lm.hidden_size),
+                      "attention_mask": torch.ones(1, length, dtype=torch.long), **keep}
+            lm.model(**inputs)  # warm-up at this shape
+            median_ms.append(statistics.median(milliseconds(lm.model, **inputs)[0] for _ in range(repeats)))
     per_token, fixed = torch.linalg.lstsq(torch.tensor([[float(n), 1.0] for n in lengths]),
                                           torch.tensor(median_ms)[:, None]).solution.flatten().tolist()
     print(f"\nLM pass (no cache), ms, median of {repeats}: " + ", ".join(
         f"{n} tokens {ms:.0f}" for n, ms in zip(lengths, median_ms)) + f"; fit {fixed:.0f} ms + {per_token:.2f} ms/token")
-    return fixed, per_token
 
 
 PARTS = ("read", "preprocess", "vision", "qformer", "lm")
