@@ -4,7 +4,11 @@
   medial temporal lobe (hippocampus, amygdala, entorhinal and parahippocampal cortex) shrinks and the lateral
   and inferior-lateral ventricles enlarge, both hemispheres. The check is the share of the relevance mass
   inside those 12 regions over their share of the brain's volume (1 = no better than spread evenly over
-  the brain). Measured two ways:
+  the brain). The simulator also thins the whole cortex (and widens the sulci), in proportion to the same
+  atrophy index, and moves the walls of the structures it resizes: class evidence these 12 regions' labels do
+  not hold. So the check has a *reference*: the atrophy's own change, |the scan - the same subject simulated
+  without atrophy|, used as the map (on the subject's own labels): what a map showing exactly the simulator's
+  evidence scores. Measured two ways:
 
   - *template space* (what ``explain_scan``'s region summary reads): the map on the model's cube, which with
     ``register_to_template`` is ICBM 2009c space after an affine fit, against the vendored CerebrA atlas;
@@ -70,19 +74,23 @@ def template_volume_share() -> float:
     return float(np.isin(labels, ATROPHIED_IDS).sum() / brain.sum())
 
 
-def subject_labels(cohort: Path, subject_id: str, image_path: Path) -> tuple[np.ndarray, float]:
-    """The subject's own warped CerebrA labels (on its scan's grid) and its brain volume in voxels."""
+def subject_truth(cohort: Path, subject_id: str, image_path: Path) -> tuple[np.ndarray, float, np.ndarray]:
+    """The subject's own warped CerebrA labels (on its scan's grid), its brain volume in voxels, and where its
+    atrophy changed the scan: |the scan - the same subject simulated with ``atrophy_scale=0``| (the same draws,
+    noise included, so only the atrophy differs)."""
     parameters = json.loads((cohort / "cohort.json").read_text())["parameters"]
     specs = {spec.subject_id: spec for spec in plan_cohort(
         parameters["subjects_per_class"], parameters["seed"], test_fraction=parameters["test_fraction"],
         val_fraction=parameters["val_fraction"])}
-    subject = simulate_subject(specs[subject_id], voxel_mm=parameters["voxel_mm"], save_labels=True,
-                               ehr_informativeness=parameters["ehr_informativeness"],
-                               missing_prob=parameters["missing_prob"], atrophy_scale=parameters["atrophy_scale"])
+    options = {"voxel_mm": parameters["voxel_mm"], "ehr_informativeness": parameters["ehr_informativeness"],
+               "missing_prob": parameters["missing_prob"]}
+    subject = simulate_subject(specs[subject_id], save_labels=True, atrophy_scale=parameters["atrophy_scale"], **options)
     if not np.array_equal(subject.image, np.asarray(nib.load(image_path).dataobj)):
         raise RuntimeError(f"{subject_id}: the regenerated image differs from {image_path}; not the cohort's subject")
+    healthy = simulate_subject(specs[subject_id], atrophy_scale=0.0, **options).image
+    change = np.abs(subject.image.astype(np.float64) - healthy.astype(np.float64))
     voxel_mm3 = float(abs(np.linalg.det(subject.affine[:3, :3])))
-    return subject.labels, subject.truth["volumes"]["brain_mm3"] / voxel_mm3
+    return subject.labels, subject.truth["volumes"]["brain_mm3"] / voxel_mm3, change
 
 
 def masked(cube: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
@@ -98,7 +106,7 @@ def measure_case(predictor: Predictor, record, cohort: Path, methods, fraction: 
     (prediction,) = predictor.predict([cube], [record.text])
     predicted = prediction.code
     p_before = prediction.probabilities[predicted]
-    labels, brain_voxels = subject_labels(cohort, record.subject_id, image_path)
+    labels, brain_voxels, change = subject_truth(cohort, record.subject_id, image_path)
     atrophied = np.isin(labels, ATROPHIED_IDS)
     brain = (cube[0] != 0).view(-1).nonzero().squeeze(1)  # the voxels the model sees (the rest is 0 already)
     count = max(1, round(fraction * len(brain)))
@@ -108,7 +116,8 @@ def measure_case(predictor: Predictor, record, cohort: Path, methods, fraction: 
     names = cerebra_region_names()
     atrophied_names = {names[label] for label in ATROPHIED_IDS}
     result = {"subject_id": record.subject_id, "label": record.label, "predicted": predicted, "p": p_before,
-              "subject_volume_share": float(atrophied.sum() / brain_voxels), "methods": {}}
+              "subject_volume_share": float(atrophied.sum() / brain_voxels),
+              "change_share": float(change[atrophied].sum() / max(change.sum(), 1e-30)), "methods": {}}
     top_sets = {}
     for method in methods:
         start = time.perf_counter()
@@ -134,9 +143,13 @@ def summarise(results: list[dict], methods, volume_share: float) -> dict:
     drop_random = statistics.fmean(r["drop_random"] for r in results)
     # the ratio's denominator: how much random deletion moves p at all (a rise counts as much as a drop)
     change_random = statistics.fmean(abs(r["drop_random"]) for r in results)
+    change_shares = [r["change_share"] for r in results if "change_share" in r]
     summary = {"cases": len(results), "template_volume_share": volume_share,
                "subject_volume_share": subject_volume_share, "drop_random": drop_random,
                "change_random": change_random, "methods": {}}
+    if len(change_shares) == len(results):
+        summary["change_share"] = statistics.fmean(change_shares)
+        summary["change_ratio"] = summary["change_share"] / subject_volume_share
     for method in methods:
         rows = [r["methods"][method] for r in results]
         template_share = statistics.fmean(row["template_share"] for row in rows)
@@ -162,6 +175,10 @@ def print_summary(summary: dict) -> None:
         print(f"{method:<10} {row['template_share']:>24.3f} {row['template_ratio']:>5.2f}x {row['subject_share']:>26.3f} "
               f"{row['subject_ratio']:>5.2f}x {row['drop_top']:>+12.4f} {row['deletion_ratio']:>9.1f}x "
               f"{row['top_beats_random']:>12.0%} {row['seconds_median']:>6.2f}")
+    if "change_ratio" in summary:  # older --jsonl runs lack it
+        print(f"{'reference':<10} {'':>24} {'':>6} {summary['change_share']:>26.3f} {summary['change_ratio']:>5.2f}x"
+              "   <- the atrophy's own change |scan - scan without atrophy| as the map: what a map showing exactly "
+              "the simulator's evidence scores")
 
 
 def main(argv=None) -> int:
