@@ -78,7 +78,8 @@ def test_a_clinica_bids_tree_becomes_annotations_with_its_ehr_and_a_report(clini
     assert ad.label == "AD" and ad.site == "011" and ad.cohort == "ADNI_BIDS"
     assert ad.ehr == {"age": 82.3, "sex": "F", "education_years": 12, "mmse": 18, "cdr_global": 2, "cdr_sb": None,
                       "apoe4": 2, "adas13": None, "faq": None}
-    assert ad.text == ("An 82.3-year-old female with 12 years of education. MMSE 18/30 (moderate dementia range), "
+    assert ad.text == ("An 82.3-year-old female with 12 years of education. "
+                       "MMSE 18/30 (12 points below the maximum, moderate dementia range), "
                        "CDR 2 (moderate dementia), APOE4 allele count 2.")
     assert (out / ad.image).resolve() == (clinica_bids / "sub-ADNI011S0003/ses-M012/anat"
                                           / "sub-ADNI011S0003_ses-M012_T1w.nii.gz").resolve()

@@ -292,8 +292,9 @@ def test_oasis2_is_demented_vs_not_with_converters_by_cdr(tmp_path: Path) -> Non
         ("OAS2_0001", "MR1"): "NC", ("OAS2_0001", "MR2"): "NC", ("OAS2_0002", "MR1"): "AD",
         ("OAS2_0020", "MR1"): "NC", ("OAS2_0020", "MR2"): "AD"}
     assert all(record.image.endswith("mpr-1.nifti.img") and record.cohort == "OASIS-2" for record in records.values())
-    assert records[("OAS2_0002", "MR1")].text == ("A 75-year-old male with 12 years of education. "
-                                                        "MMSE 23/30 (mild dementia range), CDR 0.5 (very mild dementia).")
+    assert records[("OAS2_0002", "MR1")].text == (
+        "A 75-year-old male with 12 years of education. "
+        "MMSE 23/30 (7 points below the maximum, mild dementia range), CDR 0.5 (very mild dementia).")
     found = report(out)
     assert found["counts"]["extra_scans"] == 5 and found["counts"]["unmatched_rows"] == 1
     assert found["options"]["classes"] == ["NC", "AD"]
@@ -361,7 +362,8 @@ def test_aibl_merges_the_tables_and_is_all_test(tmp_path: Path) -> None:
     assert {key: record.label for key, record in records.items()} == {("1", "bl"): "NC", ("1", "m18"): "MCI",
                                                                       ("2", "bl"): "AD"}
     assert records[("1", "bl")].text == (
-        "A 77.1-year-old female. MMSE 29/30 (questionable dementia range), CDR 0 (no dementia), "
+        "A 77.1-year-old female. MMSE 29/30 (1 point below the maximum, questionable dementia range), "
+        "CDR 0 (no dementia), "
         "logical memory delayed recall 12.")
     assert records[("1", "m18")].text == "A 78.6-year-old female. CDR 0.5 (very mild dementia)."  # MMSE -4 is missing
     assert records[("2", "bl")].ehr["logical_memory_delayed"] is None and records[("2", "bl")].site == "2"
@@ -396,7 +398,8 @@ def test_miriad_labels_from_names_with_optional_demographics(tmp_path: Path) -> 
     records = {(record.subject_id, record.visit): record for record in splits["test"]}
     assert {key: record.label for key, record in records.items()} == {
         ("188", "1"): "AD", ("188", "2"): "AD", ("189", "1"): "NC", ("190", "1"): "NC"}
-    assert records[("188", "1")].text == "A 69.5-year-old male. MMSE 18/30 (moderate dementia range)."
+    assert records[("188", "1")].text == (
+        "A 69.5-year-old male. MMSE 18/30 (12 points below the maximum, moderate dementia range).")
     assert records[("188", "1")].image.endswith("MR_1.nii")
     assert records[("190", "1")].text == "A male."
     found = report(out)

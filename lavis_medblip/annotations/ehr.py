@@ -1,9 +1,10 @@
 """EHR record → the description sentence the model reads (the paper's text T).
 A missing field (None, NaN, empty) is left out of the sentence, never written as "nan".
 
-MMSE and global CDR are written with the dementia stage the clinical literature gives their value:
-"MMSE 24/30 (mild dementia range), CDR 0.5 (very mild dementia)". The stage is derived from the number
-alone (the number stays in the text), with published cut-offs, never fitted on any cohort's labels:
+MMSE and global CDR are written with the dementia stage the clinical literature gives their value, the MMSE
+also with its distance from the maximum: "MMSE 24/30 (6 points below the maximum, mild dementia range), CDR 0.5
+(very mild dementia)". Both are derived from the number alone (the number stays in the text), with published
+cut-offs, never fitted on any cohort's labels:
 
 - MMSE (out of 30), Perneczky et al. 2006, mapped onto CDR stages: 30 no dementia, 26–29 questionable,
   21–25 mild, 11–20 moderate, 0–10 severe dementia (R. Perneczky, S. Wagenpfeil, K. Komossa, T. Grimmer,
@@ -18,7 +19,8 @@ alone (the number stays in the text), with published cut-offs, never fitted on a
 
 Why: a small LM (SmolLM2) reads "MMSE 24" as the digits "2", "4", each value its own rare token pair, and
 fine-tuned on a few hundred subjects it does not learn what the values mean; a stage name is shared by every
-subject in its range (README, Limitations).
+subject in its range, and "N points below the maximum" orders the scores inside a range in small, frequent
+numbers (README, Limitations).
 """
 from __future__ import annotations
 
@@ -66,9 +68,14 @@ def mmse_stage(value: Any) -> str | None:
 
 
 def describe_mmse(value: Any) -> str:
-    """``"MMSE 24/30 (mild dementia range)"``; a score outside 0–30 as it is (``"MMSE 88"``)."""
+    """``"MMSE 24/30 (6 points below the maximum, mild dementia range)"``, ``"MMSE 30/30 (the maximum, no dementia
+    range)"``; a score outside 0–30 as it is (``"MMSE 88"``)."""
     stage = mmse_stage(value)
-    return f"MMSE {_number(value)}" + (f"/30 ({stage} range)" if stage else "")
+    if stage is None:
+        return f"MMSE {_number(value)}"
+    below = 30.0 - float(value)
+    distance = "the maximum" if below == 0 else f"{_number(below)} point{'' if below == 1 else 's'} below the maximum"
+    return f"MMSE {_number(value)}/30 ({distance}, {stage} range)"
 
 
 def describe_cdr(value: Any) -> str:
@@ -86,8 +93,8 @@ _SCORES = (("mmse", describe_mmse), ("cdr_global", describe_cdr),
 
 def describe_ehr(ehr: Mapping[str, Any]) -> str:
     """One or two sentences from the EHR fields in :data:`lavis_medblip.annotations.schema.EHR_FIELDS`, e.g.
-    "A 75-year-old female with 12 years of education. MMSE 24/30 (mild dementia range), CDR 0.5 (very mild
-    dementia)."."""
+    "A 75-year-old female with 12 years of education. MMSE 24/30 (6 points below the maximum, mild dementia
+    range), CDR 0.5 (very mild dementia)."."""
     present = {key: value for key, value in ehr.items() if not is_missing(value)}
     subject = []
     if "age" in present:

@@ -4,7 +4,8 @@ One scan (prints the diagnosis and class probabilities; ``--explain`` adds a gen
 ``--report`` a PNG with three slices and the probabilities)::
 
     python -m lavis_medblip.predict --model-type biomedlm_lora --checkpoint ckpt.pth \\
-        --image scan.nii.gz --text "A 75-year-old female. MMSE 24/30 (mild dementia range)." --explain --report out.png
+        --image scan.nii.gz --text "A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range)." \
+        --explain --report out.png
 
 Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation],error,warning``)::
 
@@ -14,7 +15,7 @@ Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation]
 A model bundle folder (:mod:`lavis_medblip.models.bundle`) replaces ``--model-type``/``--checkpoint``::
 
     python -m lavis_medblip.predict --model bundles/demo --image scan.nii.gz \\
-        --text "A 75-year-old female. MMSE 24/30 (mild dementia range)."
+        --text "A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range)."
 
 ``--relevance DIR`` writes each case's relevance map (``DIR/<id>_relevance.nii.gz``, the scan's grid and affine; with
 ``--report``, drawn on the slices) and a ``top_regions`` column: :mod:`lavis_medblip.relevance`.
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Folders are searched recursively for .nii/.nii.gz/.mgh/.mgz/.npy files and DICOM-series "
                "folders (folders holding .dcm/.ima files or files with the DICM marker). "
                "Example: python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth "
-               "--image scan.nii.gz --text 'A 75-year-old female. MMSE 24/30 (mild dementia range).'",
+               "--image scan.nii.gz --text 'A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range).'",
     )
     model = parser.add_argument_group("model (--model-type [--checkpoint], or --model)")
     which = model.add_mutually_exclusive_group(required=True)
