@@ -3,9 +3,8 @@
 One scan (prints the diagnosis and class probabilities; ``--explain`` adds a generated explanation,
 ``--report`` a PNG with three slices and the probabilities)::
 
-    python -m lavis_medblip.predict --model-type biomedlm_lora --checkpoint ckpt.pth \\
-        --image scan.nii.gz --text "A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range)." \
-        --explain --report out.png
+    python -m lavis_medblip.predict --model-type biomedlm_lora --checkpoint ckpt.pth --explain --report out.png \\
+        --image scan.nii.gz --text "A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range)."
 
 Many scans (writes a CSV ``id,image,prediction,answer,p_<class>...[,explanation],error,warning``)::
 
@@ -234,8 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "from the scan and a short EHR text.",
         epilog="Folders are searched recursively for .nii/.nii.gz/.mgh/.mgz/.npy files and DICOM-series "
                "folders (folders holding .dcm/.ima files or files with the DICM marker). "
-               "Example: python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth "
-               "--image scan.nii.gz --text 'A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range).'",
+               "Example: python -m lavis_medblip.predict --model-type demo --checkpoint ckpt.pth --image scan.nii.gz "
+               "--text 'A 75-year-old female. MMSE 24/30 (6 points below the maximum, mild dementia range).'",
     )
     model = parser.add_argument_group("model (--model-type [--checkpoint], or --model)")
     which = model.add_mutually_exclusive_group(required=True)
