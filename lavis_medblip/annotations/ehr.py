@@ -30,7 +30,9 @@ from typing import Any, Mapping
 #: The paper's question (eq. 2); the prompt ends with it, the answer follows.
 DIAGNOSIS_QUESTION = "Question: What will this subject be diagnosed with? Answer:"
 
-#: MMSE lower bound → dementia stage (Perneczky et al. 2006), highest first; valid scores are 0 to 30.
+#: The MMSE's maximum score; valid scores are 0 to it.
+MMSE_MAX = 30
+#: MMSE lower bound → dementia stage (Perneczky et al. 2006), highest first.
 MMSE_STAGES: tuple[tuple[float, str], ...] = (
     (30, "no dementia"), (26, "questionable dementia"), (21, "mild dementia"), (11, "moderate dementia"),
     (0, "severe dementia"))
@@ -62,7 +64,7 @@ def _number(value: Any) -> str:
 def mmse_stage(value: Any) -> str | None:
     """The dementia stage of an MMSE score (:data:`MMSE_STAGES`), ``None`` outside 0–30."""
     score = float(value)
-    if not 0 <= score <= 30:
+    if not 0 <= score <= MMSE_MAX:
         return None
     return next(stage for lower, stage in MMSE_STAGES if score >= lower)
 
@@ -73,9 +75,9 @@ def describe_mmse(value: Any) -> str:
     stage = mmse_stage(value)
     if stage is None:
         return f"MMSE {_number(value)}"
-    below = 30.0 - float(value)
+    below = MMSE_MAX - float(value)
     distance = "the maximum" if below == 0 else f"{_number(below)} point{'' if below == 1 else 's'} below the maximum"
-    return f"MMSE {_number(value)}/30 ({distance}, {stage} range)"
+    return f"MMSE {_number(value)}/{MMSE_MAX} ({distance}, {stage} range)"
 
 
 def describe_cdr(value: Any) -> str:
