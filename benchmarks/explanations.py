@@ -37,6 +37,7 @@ The default checkpoint is the demo's calibrated image + text model (``runs/image
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -74,14 +75,21 @@ def template_volume_share() -> float:
     return float(np.isin(labels, ATROPHIED_IDS).sum() / brain.sum())
 
 
-def subject_truth(cohort: Path, subject_id: str, image_path: Path) -> tuple[np.ndarray, float, np.ndarray]:
-    """The subject's own warped CerebrA labels (on its scan's grid), its brain volume in voxels, and where its
-    atrophy changed the scan: |the scan - the same subject simulated with ``atrophy_scale=0``| (the same draws,
-    noise included, so only the atrophy differs)."""
+@functools.lru_cache(maxsize=4)
+def cohort_plan(cohort: Path) -> tuple[dict, dict]:
+    """The cohort's generation parameters (``cohort.json``) and its subjects' specs by id, read once per cohort."""
     parameters = json.loads((cohort / "cohort.json").read_text())["parameters"]
     specs = {spec.subject_id: spec for spec in plan_cohort(
         parameters["subjects_per_class"], parameters["seed"], test_fraction=parameters["test_fraction"],
         val_fraction=parameters["val_fraction"])}
+    return parameters, specs
+
+
+def subject_truth(cohort: Path, subject_id: str, image_path: Path) -> tuple[np.ndarray, float, np.ndarray]:
+    """The subject's own warped CerebrA labels (on its scan's grid), its brain volume in voxels, and where its
+    atrophy changed the scan: |the scan - the same subject simulated with ``atrophy_scale=0``| (the same draws,
+    noise included, so only the atrophy differs)."""
+    parameters, specs = cohort_plan(cohort)
     options = {"voxel_mm": parameters["voxel_mm"], "ehr_informativeness": parameters["ehr_informativeness"],
                "missing_prob": parameters["missing_prob"]}
     subject = simulate_subject(specs[subject_id], save_labels=True, atrophy_scale=parameters["atrophy_scale"], **options)
