@@ -1,8 +1,10 @@
-"""The demo: its image-evidence control (images shuffled), the EHR-fields baseline, and a smoke run of the
-whole pipeline on a tiny cohort that prints every row of the table on both held-out sets."""
+"""The demo: its image-evidence control (images shuffled), the EHR-fields baseline, the lanes its models train in,
+and a smoke run of the whole pipeline on a tiny cohort that prints every row of the table on both held-out sets."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -51,6 +53,19 @@ def test_ehr_regression_reads_the_fields_and_their_missingness():
     assert np.isnan(features[0, mmse]) and features[0, mmse + 1] == 1.0  # MMSE missing: NaN (imputed) + indicator
     assert metrics["balanced_accuracy"] > 0.6  # MMSE separates the classes where it is recorded
     assert 0 <= metrics["ece"] < 0.2 and model.predict_proba(records[:3]).sum(axis=1) == pytest.approx(1.0)
+
+
+def test_a_lane_prefixes_its_lines_and_its_threads_sleep_when_idle(tmp_path, capsys):
+    lane = demo.Demo(tmp_path).lane("text_only+image_only")
+    lane.run([sys.executable, "-c", "import os; print('wait policy', os.environ['OMP_WAIT_POLICY'])"])
+
+    assert capsys.readouterr().out.splitlines()[-1] == "[text_only+image_only] wait policy PASSIVE"
+    with pytest.raises(subprocess.CalledProcessError):  # a failed launch stops its lane
+        lane.run([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_the_lanes_hold_every_model_once():
+    assert sorted(variant for lane in demo.LANES for variant in lane) == sorted(demo.MODELS)
 
 
 @pytest.mark.slow
