@@ -81,7 +81,7 @@ class Demo:
 
     def run(self, command: Sequence[str]) -> None:
         """Run ``command`` to completion (an error if it fails); in a lane, its lines prefixed."""
-        if self.lane_name is None:
+        if self.lane_name is None:  # the child writes to our terminal: its progress bars redraw in place
             print("$", " ".join(command), flush=True)
             subprocess.run(command, check=True)
             return
