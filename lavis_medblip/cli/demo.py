@@ -90,7 +90,7 @@ class Demo:
         # Both lanes' threads share the cores: idle ones sleep instead of spinning (spinning made a step 1.7x slower).
         # One thread per lane was faster still (11.0 against 12.3 min), but the thread count sets the order of float
         # sums, and the image models' results moved with it (README, demo).
-        environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+        environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=environment) as process:
             for line in process.stdout:
