@@ -68,6 +68,30 @@ def test_the_lanes_hold_every_model_once():
     assert sorted(variant for lane in demo.LANES for variant in lane) == sorted(demo.MODELS)
 
 
+def test_the_scans_are_preprocessed_once_before_the_first_image_model_and_text_only_needs_none(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(demo.Demo, "launch", lambda self, module, yaml_name, options: launched.append(module))
+    monkeypatch.setattr(demo.Demo, "train", lambda self, name, options: launched.append(f"train {name}") or tmp_path)
+    monkeypatch.setattr(demo.Demo, "evaluate", lambda self, name, checkpoint, options, test_sets: {})
+    run = demo.Demo(tmp_path)
+    baselines, image_text = run.lane("text_only+image_only"), run.lane("image_text")
+
+    baselines.train_and_evaluate("text_only", [], {})
+    assert launched == ["train text_only"]  # no scans read: it trains while the other lane preprocesses them
+    image_text.train_and_evaluate("image_text", [], {})
+    baselines.train_and_evaluate("image_only", [], {})
+    assert launched == ["train text_only", "lavis_medblip.warm_cache", "train image_text_stage1", "train image_text",
+                        "train image_only_stage1", "train image_only"]  # the lanes share one cache, warmed once
+
+
+def test_a_failed_warm_up_stops_the_other_lane_too(tmp_path):
+    cache = demo.VolumeCache()
+    with pytest.raises(subprocess.CalledProcessError):
+        cache.warm_once(lambda: subprocess.run([sys.executable, "-c", "raise SystemExit(2)"], check=True))
+    with pytest.raises(subprocess.CalledProcessError):  # not warmed again: the same error
+        cache.warm_once(lambda: pytest.fail("warmed twice"))
+
+
 @pytest.mark.slow
 def test_demo_smoke_prints_every_row_on_both_held_out_sets(tmp_path, capsys):
     demo.main(["--root", str(tmp_path), "--subjects-per-class", "8", "--max-epoch", "1"])
