@@ -3,7 +3,8 @@
 1. simulate a cohort from the real ICBM-2009c brain (cached): every subject its own anatomy, atrophy on top
    of it (exaggerated ``--atrophy-scale`` times), four scanner sites; two held-out sets: ``test`` (a scanner
    site training never saw) and ``test_anatomy`` (training sites, an anatomy family training never saw);
-   preprocess the scans into the volume cache (``python -m lavis_medblip.warm_cache``);
+   the scans are preprocessed into the volume cache (``python -m lavis_medblip.warm_cache``) before the first
+   image model trains;
 2. image + text: pretrain a small MedBLIP through ``python -m lavis_medblip.train``
    (projects/medblip/demo_pretrain.yaml) in two stages, as BLIP-2: an LM-free Q-Former stage, then the full loss;
 3. the baselines, trained the same way: text only (the LM and LoRA on the EHR prompt alone, no visual prefix,
