@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lavis_medblip.tasks.metrics import INVALID, classification_metrics, match_generated_answer, roc_auc
+from lavis_medblip.tasks.metrics import (INVALID, balanced_accuracy_difference, classification_metrics,
+                                         match_generated_answer, roc_auc)
 
 CLASSES = ["NC", "MCI", "AD"]
 ANSWERS = ["not demented", "mild cognitive impairment", "Alzheimer's disease"]
@@ -33,6 +34,29 @@ def test_auroc_counts_ties_as_half():
     metrics = classification_metrics([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], CLASSES, scores=scores)
     assert metrics["auroc"]["AD"] == pytest.approx(7.5 / 8)
     assert metrics["auroc"]["MCI"] == pytest.approx(0.5)  # constant scores: every pair ties
+
+
+def test_a_difference_in_balanced_accuracy_comes_with_a_paired_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 75)
+    guesses = rng.integers(0, 3, 75)
+    model_a = np.where(rng.random(75) < 0.6, labels, guesses)  # right on ~60% of subjects beyond chance
+    model_b = model_a.copy()
+    model_b[:6] = np.where(model_a[:6] == labels[:6], (labels[:6] + 1) % 3, model_a[:6])  # wrong on 6 more at most
+
+    difference = balanced_accuracy_difference(labels, model_a, model_b)
+
+    expected = (classification_metrics(labels, model_a, CLASSES)["balanced_accuracy"]
+                - classification_metrics(labels, model_b, CLASSES)["balanced_accuracy"])
+    assert difference.estimate == pytest.approx(expected) and expected > 0
+    assert difference.low <= difference.estimate <= difference.high and difference.level == 0.95
+    # paired: the subjects both get right or wrong cancel, so the interval is far narrower than either model's own
+    assert difference.high - difference.low < 0.15
+    assert balanced_accuracy_difference(labels, model_a, model_b) == difference  # by seed
+    same = balanced_accuracy_difference(labels, model_a, model_a)
+    assert (same.estimate, same.low, same.high) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="predictions for each of the 75 labels"):
+        balanced_accuracy_difference(labels, model_a, model_b[:-1])
 
 
 @pytest.mark.parametrize("text, expected", [

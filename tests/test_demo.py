@@ -12,6 +12,7 @@ import pytest
 from lavis_medblip.annotations.schema import AnnotationRecord
 from lavis_medblip.baselines import NUMERIC_FIELDS, EHRLogisticRegression, ehr_features
 from lavis_medblip.cli import demo
+from lavis_medblip.tasks.metrics import classification_metrics
 
 
 def write_held_out(cohort, count: int = 8) -> list[dict]:
@@ -53,6 +54,37 @@ def test_ehr_regression_reads_the_fields_and_their_missingness():
     assert np.isnan(features[0, mmse]) and features[0, mmse + 1] == 1.0  # MMSE missing: NaN (imputed) + indicator
     assert metrics["balanced_accuracy"] > 0.6  # MMSE separates the classes where it is recorded
     assert 0 <= metrics["ece"] < 0.2 and model.predict_proba(records[:3]).sum(axis=1) == pytest.approx(1.0)
+
+
+def evaluation(labels, predictions) -> dict:
+    """One cell's evaluation as the evaluation task writes it: metrics and per-subject predictions."""
+    return {"metrics": classification_metrics(labels, predictions, ["NC", "MCI", "AD"]),
+            "predictions": [{"instance_id": f"s{i}/bl", "label": label, "prediction": prediction}
+                            for i, (label, prediction) in enumerate(zip(labels, predictions))]}
+
+
+def test_each_comparison_under_the_table_is_a_paired_difference_with_its_interval():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60).tolist()
+    model = {name: np.where(rng.random(60) < right, labels, rng.integers(0, 3, 60)).tolist()
+             for name, right in (("image_text", 0.8), ("text_only", 0.3), ("image_only", 0.5), ("shuffled", 0.1),
+                                 ("ehr_regression", 0.4))}
+    results = {name: {split: evaluation(labels, model[name]) for split in demo.HELD_OUT}
+               for name in ("text_only", "image_only", "ehr_regression")}
+    results["image_text"] = {split: evaluation(labels, model["image_text"]) for split in demo.HELD_OUT}
+    results["image_text"].update({f"{split}_images_shuffled": evaluation(labels, model["shuffled"])
+                                  for split in demo.HELD_OUT})
+
+    intervals = demo.differences(results)["test_anatomy"]
+
+    rows = demo.table_rows(results)
+    accuracy = {row: rows[row]["test_anatomy"]["balanced_accuracy"] for row in rows}
+    better = intervals["image + text - better of text, image only"]
+    assert better.estimate == pytest.approx(accuracy["image_text"] - accuracy["image_only"])  # the better baseline
+    text_only = intervals["text only (LM) - EHR regression"]
+    assert text_only.estimate == pytest.approx(accuracy["text_only"] - accuracy["ehr_regression"])
+    assert text_only.low <= text_only.estimate <= text_only.high
+    assert intervals["image + text - images shuffled"].low > 0  # right on 80% against 10%: clear at n = 60
 
 
 def test_a_lane_prefixes_its_lines_and_its_threads_sleep_when_idle(tmp_path, capsys):
@@ -97,10 +129,13 @@ def test_demo_smoke_prints_every_row_on_both_held_out_sets(tmp_path, capsys):
     demo.main(["--root", str(tmp_path), "--subjects-per-class", "8", "--max-epoch", "1"])
 
     printed = capsys.readouterr().out
-    rows = json.loads((tmp_path / "results.json").read_text())
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows, differences = results["rows"], results["differences"]
     assert set(rows) == set(demo.ROWS)
     for row in rows.values():
         assert set(row) == set(demo.HELD_OUT)
         assert all({"balanced_accuracy", "macro_f1", "macro_auroc", "ece"} <= set(metrics) for metrics in row.values())
     assert all(name in printed for name in demo.ROWS.values())
+    assert all(set(per_split) == set(demo.COMPARISONS) for per_split in differences.values())
+    assert all(name in printed for name in demo.COMPARISONS)
     assert (tmp_path / "report.png").stat().st_size > 0

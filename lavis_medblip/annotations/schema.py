@@ -46,6 +46,11 @@ class AnnotationRecord:
     site: str = ""
     ehr: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def instance_id(self) -> str:
+        """``subject/visit`` (the subject alone when no visit is named): how results name this record."""
+        return f"{self.subject_id}/{self.visit}" if self.visit else self.subject_id
+
     def validate(self, where: str = "") -> None:
         """Raise ``ValueError`` naming ``where`` (file:line) and the bad field."""
         prefix = f"{where}: " if where else ""

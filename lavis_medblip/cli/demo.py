@@ -35,11 +35,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lavis_medblip.annotations.schema import read_annotations, write_annotations
+from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations, write_annotations
+from lavis_medblip.tasks.metrics import Interval, balanced_accuracy_difference
 
 PROJECT_DIR = Path("projects/medblip")
 HELD_OUT = {"test": "held-out scanner site", "test_anatomy": "held-out anatomy"}
@@ -58,6 +59,12 @@ IMAGE_MODELS = ("image_text", "image_only")
 #: side by side get more done on 2 cores than one after the other). Balanced by their measured cost: image + text
 #: alone takes about as long as the two baselines together.
 LANES = (("image_text",), ("text_only", "image_only"))
+#: The comparisons printed under the table, each (row, the row it is compared with); "better_baseline": whichever of
+#: text only and image only scores higher on that held-out set.
+COMPARISONS = {"image + text - text only": ("image_text", "text_only"),
+               "image + text - better of text, image only": ("image_text", "better_baseline"),
+               "image + text - images shuffled": ("image_text", "images_shuffled"),
+               "text only (LM) - EHR regression": ("text_only", "ehr_regression")}
 ROWS = {"image_text": "image + text", "text_only": "text only (LM)", "ehr_regression": "EHR fields (log. regression)",
         "image_only": "image only (no EHR text)", "images_shuffled": "image + text, images shuffled"}
 
@@ -195,22 +202,48 @@ def ehr_regression(cohort: Path) -> dict:
     from lavis_medblip.baselines import EHRLogisticRegression
 
     model = EHRLogisticRegression().fit(list(read_annotations(cohort / "train.jsonl")))
-    return {split: {"metrics": model.evaluate(list(read_annotations(cohort / f"{split}.jsonl")))} for split in HELD_OUT}
+    evaluation = {}
+    for split in HELD_OUT:
+        records = list(read_annotations(cohort / f"{split}.jsonl"))
+        predictions = model.predict_proba(records).argmax(axis=1).tolist()
+        evaluation[split] = {"metrics": model.evaluate(records), "predictions": [
+            {"instance_id": record.instance_id, "label": CLASS_NAMES.index(record.label), "prediction": prediction}
+            for record, prediction in zip(records, predictions)]}
+    return evaluation
+
+
+def evaluation_of(results: dict, row: str, split: str) -> dict:
+    """The metrics and predictions behind one cell of the table."""
+    if row == "images_shuffled":  # the image + text model on that set with its images shuffled
+        return results["image_text"][f"{split}_images_shuffled"]
+    return results[row][split]
 
 
 def table_rows(results: dict) -> dict[str, dict[str, dict]]:
     """Row name → held-out set → metrics."""
-    image_text = results["image_text"]
-    return {
-        "image_text": {split: image_text[split]["metrics"] for split in HELD_OUT},
-        "text_only": {split: results["text_only"][split]["metrics"] for split in HELD_OUT},
-        "ehr_regression": {split: results["ehr_regression"][split]["metrics"] for split in HELD_OUT},
-        "image_only": {split: results["image_only"][split]["metrics"] for split in HELD_OUT},
-        "images_shuffled": {split: image_text[f"{split}_images_shuffled"]["metrics"] for split in HELD_OUT},
-    }
+    return {row: {split: evaluation_of(results, row, split)["metrics"] for split in HELD_OUT} for row in ROWS}
 
 
-def print_table(rows: dict[str, dict[str, dict]]) -> None:
+def differences(results: dict) -> dict[str, dict[str, Interval]]:
+    """Held-out set → comparison (:data:`COMPARISONS`) → the difference in balanced accuracy, with its interval."""
+    table = {}
+    for split in HELD_OUT:
+        predicted = {row: {p["instance_id"]: (p["label"], p["prediction"])
+                         for p in evaluation_of(results, row, split)["predictions"]} for row in ROWS}
+        accuracy = {row: evaluation_of(results, row, split)["metrics"]["balanced_accuracy"] for row in ROWS}
+        better_baseline = max(("text_only", "image_only"), key=accuracy.get)
+        subjects = sorted(predicted["image_text"])
+        labels = [predicted["image_text"][subject][0] for subject in subjects]
+        table[split] = {}
+        for name, (row, other) in COMPARISONS.items():
+            other = better_baseline if other == "better_baseline" else other
+            table[split][name] = balanced_accuracy_difference(
+                labels, [predicted[row][subject][1] for subject in subjects],
+                [predicted[other][subject][1] for subject in subjects])
+    return table
+
+
+def print_table(rows: dict[str, dict[str, dict]], intervals: dict[str, dict[str, Interval]]) -> None:
     columns = (("balanced_accuracy", "bal acc"), ("macro_f1", "macro-F1"), ("macro_auroc", "AUROC"), ("ece", "ECE"))
     block = "".join(f"{title:>9}" for _, title in columns)
     print("\nZero-shot NC / MCI / AD (probabilities calibrated on the training sites' validation split)")
@@ -220,13 +253,13 @@ def print_table(rows: dict[str, dict[str, dict]]) -> None:
     for row, per_split in rows.items():
         cells = "".join("    " + "".join(f"{per_split[split][key]:>9.3f}" for key, _ in columns) for split in HELD_OUT)
         print(f"{ROWS[row]:<32}{cells}")
-    for split, name in HELD_OUT.items():
-        value = {row: per_split[split]["balanced_accuracy"] for row, per_split in rows.items()}
-        print(f"{name}: image + text {100 * (value['image_text'] - value['text_only']):+.1f} points over text only, "
-              f"{100 * (value['image_text'] - max(value['text_only'], value['image_only'])):+.1f} over the better of "
-              f"text only and image only, {100 * (value['image_text'] - value['images_shuffled']):+.1f} over shuffled "
-              f"images; text-only LM {100 * (value['text_only'] - value['ehr_regression']):+.1f} against the EHR "
-              f"regression")
+    print("\nDifferences in balanced accuracy, points [95% interval of a paired bootstrap over the held-out subjects:\n"
+          "the evaluation's noise only; training seeds and the CPU move the rows too (README, demo)]")
+    print(f"{'':<44}" + "".join(f"{HELD_OUT[split]:>27}" for split in HELD_OUT))
+    for name in COMPARISONS:
+        cells = (intervals[split][name] for split in HELD_OUT)
+        print(f"{name:<44}" + "".join(f"{f'{100 * i.estimate:+.1f} [{100 * i.low:+.1f}, {100 * i.high:+.1f}]':>27}"
+                                      for i in cells))
     print()
 
 
@@ -318,10 +351,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     timings[f"scans, training and evaluation ({lanes})"] = time.time() - start - sum(timings.values())
 
     # 5. the table and the pictures
-    rows = table_rows(results)
-    print_table(rows)
+    rows, intervals = table_rows(results), differences(results)
+    print_table(rows, intervals)
     report = write_report(demo, results, rows, demo.root / "report.png")
-    (demo.root / "results.json").write_text(json.dumps(rows, indent=2))
+    (demo.root / "results.json").write_text(json.dumps(
+        {"rows": rows, "differences": {split: {name: asdict(interval) for name, interval in per_split.items()}
+                                       for split, per_split in intervals.items()}}, indent=2))
     print("minutes: " + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()))
     print(f"report: {report}  metrics: {demo.root / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
 

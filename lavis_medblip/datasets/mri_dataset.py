@@ -79,7 +79,7 @@ class MRIAnnotationDataset(SkippingDataset):
             "question": self.question,
             "text_output": self.class_answers[label] if label >= 0 else "",
             "label": label,
-            "instance_id": f"{record.subject_id}/{record.visit}" if record.visit else record.subject_id,
+            "instance_id": record.instance_id,
             "subject_id": record.subject_id,
             "site": record.site,
             "warning": warning,

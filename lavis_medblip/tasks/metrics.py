@@ -127,6 +127,45 @@ def mean_negative_log_likelihood(probs: Sequence[Sequence[float]] | np.ndarray, 
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate and a confidence interval around it."""
+
+    estimate: float
+    low: float
+    high: float
+    level: float = 0.95
+
+
+def balanced_accuracy_difference(labels: Sequence[int], predictions_a: Sequence[int], predictions_b: Sequence[int],
+                                 resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+    """Balanced accuracy of ``a`` minus that of ``b`` on the same samples, with a paired-bootstrap interval.
+
+    Each resample draws the samples with replacement, the same draw for both models, so what the two get
+    right on the same samples cancels (Efron and Tibshirani 1993, percentile interval). It measures how
+    much the difference moves with the evaluation samples, not with training (seeds, hardware).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    if not len(labels) or any(len(predictions) != len(labels) for predictions in (predictions_a, predictions_b)):
+        raise ValueError(f"balanced_accuracy_difference needs predictions for each of the {len(labels)} labels")
+    correct = [np.asarray(predictions, dtype=np.int64) == labels for predictions in (predictions_a, predictions_b)]
+    if resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
+    classes = (labels[:, None] == np.unique(labels)[None, :]).astype(float)  # (N, classes present)
+
+    def balanced_accuracy(draws: np.ndarray, hits: np.ndarray) -> np.ndarray:  # draws (R, N) → (R,)
+        support = classes[draws].sum(axis=1)
+        with np.errstate(invalid="ignore"):  # a class a resample missed: left out of its mean
+            return np.nanmean((classes * hits[:, None])[draws].sum(axis=1) / support, axis=1)
+
+    everyone = np.arange(len(labels))[None, :]
+    estimate = float(balanced_accuracy(everyone, correct[0])[0] - balanced_accuracy(everyone, correct[1])[0])
+    draws = np.random.default_rng(seed).integers(0, len(labels), (resamples, len(labels)))
+    differences = balanced_accuracy(draws, correct[0]) - balanced_accuracy(draws, correct[1])
+    low, high = np.quantile(differences, [(1 - level) / 2, (1 + level) / 2])
+    return Interval(estimate, float(low), float(high), level)
+
+
 def match_generated_answer(text: str, class_answers: Sequence[str], class_names: Sequence[str]) -> int:
     """Index of the class a generated answer names, or ``INVALID`` when it names none or several.
 
