@@ -722,19 +722,33 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     tmp.replace(path)
 
 
+def _record(spec: SubjectSpec, ehr: dict[str, Any]) -> AnnotationRecord:
+    """A subject's annotation line; the schema knows train/val/test: both held-out sets are "test" records."""
+    return AnnotationRecord(
+        image=_image_path(spec), subject_id=spec.subject_id, label=spec.label,
+        split="test" if spec.split == "test_anatomy" else spec.split,
+        text=describe_ehr(ehr), visit="bl", cohort=COHORT_NAME, site=spec.site, ehr=ehr,
+    )
+
+
+def simulate_ehr_records(subjects_per_class: int, seed: int, *, ehr_informativeness: float = 0.3,
+                         missing_prob: float = 0.4) -> list[AnnotationRecord]:
+    """Every subject of a cohort's plan with the EHR the cohort would give it, and no scan simulated.
+
+    The EHR is drawn first from the subject's key, so it is the cohort's to the letter; ``image`` names where
+    the scan would be, and no file is written. For models that read no scan (text only, the EHR regression),
+    measured on more subjects than the scans' cost allows (``benchmarks/text_only_vs_regression.py``).
+    """
+    return [_record(spec, _draw_ehr(np.random.default_rng(list(spec.key)), spec.label, ehr_informativeness,
+                                    missing_prob)[1]) for spec in plan_cohort(subjects_per_class, seed)]
+
+
 def _generate_and_save(spec: SubjectSpec, out_dir: Path, options: dict) -> tuple[AnnotationRecord, dict]:
     subject = simulate_subject(spec, **options)
     _save_nifti(subject.image, subject.affine, out_dir / _image_path(spec))
     if subject.labels is not None:
         _save_nifti(subject.labels, subject.affine, out_dir / _image_path(spec, "labels"))
-    # the schema knows train/val/test: both held-out sets are "test" records, told apart by their file
-    record = AnnotationRecord(
-        image=_image_path(spec), subject_id=spec.subject_id, label=spec.label,
-        split="test" if spec.split == "test_anatomy" else spec.split,
-        text=describe_ehr(subject.ehr), visit="bl", cohort=COHORT_NAME, site=spec.site, ehr=subject.ehr,
-    )
-    truth = dict(subject.truth, image=_image_path(spec))
-    return record, truth
+    return _record(spec, subject.ehr), dict(subject.truth, image=_image_path(spec))
 
 
 def _worker_init(threads: int) -> None:

@@ -16,7 +16,7 @@ import pytest
 from dataset_builders.simulate_cohort import (
     BASIS_NAMES, HELD_OUT_ANATOMY, HELD_OUT_SITE, HIPPOCAMPUS, RATE_LIMITS, SITES, TRAINING_ANATOMY,
     TRAINING_SITES, VENTRICLE_IDS, SubjectSpec, jacobian_determinant, main, simulate_cohort, simulate_subject,
-    structure_basis, structure_displacement,
+    simulate_ehr_records, structure_basis, structure_displacement,
 )
 from lavis_medblip.annotations.ehr import describe_ehr
 from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations
@@ -92,6 +92,15 @@ def test_annotations_follow_the_schema(cohort):
     for held_out_set in ("test", "test_anatomy"):
         assert [sum(r.label == name for r in records[held_out_set]) for name in CLASS_NAMES] == [1, 1, 1]
         assert {r.split for r in records[held_out_set]} == {"test"}  # the schema's split; the file names the set
+
+
+def test_the_cohorts_ehr_records_come_without_scans_for_the_models_that_read_none(cohort):
+    everyone = [record for split in _records(cohort).values() for record in split]
+
+    records = simulate_ehr_records(4, seed=7)  # the cohort's plan and EHR draws (SMALL's defaults), no scans
+
+    assert sorted(records, key=lambda r: r.subject_id) == sorted(everyone, key=lambda r: r.subject_id)
+    assert simulate_ehr_records(4, seed=8) != records
 
 
 def test_held_out_site_is_the_test_split_and_subjects_are_in_one_split(cohort):
