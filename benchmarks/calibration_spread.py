@@ -25,10 +25,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from sklearn.metrics import balanced_accuracy_score  # noqa: E402
 
-from lavis_medblip.cli.demo import HELD_OUT, IMAGE_ONLY, TEXT_ONLY, Demo, job_dir  # noqa: E402
+from lavis_medblip.cli.demo import HELD_OUT, MODELS, Demo, job_dir  # noqa: E402
 from lavis_medblip.models.calibration import Calibration, fit_calibration  # noqa: E402
-
-MODELS = {"image_text": [], "text_only": TEXT_ONLY, "image_only": IMAGE_ONLY}
 
 
 def raw_scores(demo: Demo, model: str, options: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:

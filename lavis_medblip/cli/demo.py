@@ -232,13 +232,13 @@ def differences(results: dict) -> dict[str, dict[str, Interval]]:
                          for p in evaluation_of(results, row, split)["predictions"]} for row in ROWS}
         accuracy = {row: evaluation_of(results, row, split)["metrics"]["balanced_accuracy"] for row in ROWS}
         better_baseline = max(("text_only", "image_only"), key=accuracy.get)
-        subjects = sorted(predicted["image_text"])
-        labels = [predicted["image_text"][subject][0] for subject in subjects]
         table[split] = {}
         for name, (row, other) in COMPARISONS.items():
             other = better_baseline if other == "better_baseline" else other
+            subjects = sorted(predicted[row].keys() & predicted[other].keys())  # a skipped scan: in neither
             table[split][name] = balanced_accuracy_difference(
-                labels, [predicted[row][subject][1] for subject in subjects],
+                [predicted[row][subject][0] for subject in subjects],
+                [predicted[row][subject][1] for subject in subjects],
                 [predicted[other][subject][1] for subject in subjects])
     return table
 

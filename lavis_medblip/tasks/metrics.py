@@ -148,15 +148,20 @@ def balanced_accuracy_difference(labels: Sequence[int], predictions_a: Sequence[
     labels = np.asarray(labels, dtype=np.int64)
     if not len(labels) or any(len(predictions) != len(labels) for predictions in (predictions_a, predictions_b)):
         raise ValueError(f"balanced_accuracy_difference needs predictions for each of the {len(labels)} labels")
-    correct = [np.asarray(predictions, dtype=np.int64) == labels for predictions in (predictions_a, predictions_b)]
     if resamples < 1 or not 0 < level < 1:
         raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples} and {level}")
-    classes = (labels[:, None] == np.unique(labels)[None, :]).astype(float)  # (N, classes present)
+    classes, label_index = np.unique(labels, return_inverse=True)
+    label_index = label_index.astype(np.int16)  # (resamples, N) copies of it stay small
+    correct = [np.asarray(predictions, dtype=np.int64) == labels for predictions in (predictions_a, predictions_b)]
 
     def balanced_accuracy(draws: np.ndarray, hits: np.ndarray) -> np.ndarray:  # draws (R, N) → (R,)
-        support = classes[draws].sum(axis=1)
-        with np.errstate(invalid="ignore"):  # a class a resample missed: left out of its mean
-            return np.nanmean((classes * hits[:, None])[draws].sum(axis=1) / support, axis=1)
+        drawn, drawn_hits = label_index[draws], hits[draws]
+        recalls = []
+        for index in range(len(classes)):
+            in_class = drawn == index
+            with np.errstate(invalid="ignore", divide="ignore"):  # a class a resample missed: NaN, left out
+                recalls.append((in_class & drawn_hits).sum(axis=1) / in_class.sum(axis=1))
+        return np.nanmean(np.stack(recalls, axis=1), axis=1)
 
     everyone = np.arange(len(labels))[None, :]
     estimate = float(balanced_accuracy(everyone, correct[0])[0] - balanced_accuracy(everyone, correct[1])[0])
