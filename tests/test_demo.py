@@ -85,6 +85,8 @@ def test_each_comparison_under_the_table_is_a_paired_difference_with_its_interva
     assert text_only.estimate == pytest.approx(accuracy["text_only"] - accuracy["ehr_regression"])
     assert text_only.low <= text_only.estimate <= text_only.high
     assert intervals["image + text - images shuffled"].low > 0  # right on 80% against 10%: clear at n = 60
+    results["image_only"]["test"]["predictions"].pop()  # a scan it skipped: compared on the subjects both scored
+    assert np.isfinite(demo.differences(results)["test"]["image + text - better of text, image only"].estimate)
 
 
 def test_a_lane_prefixes_its_lines_and_its_threads_sleep_when_idle(tmp_path, capsys):
