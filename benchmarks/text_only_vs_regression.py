@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -25,10 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_builders.simulate_cohort import simulate_ehr_records  # noqa: E402
-from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations, write_annotations  # noqa: E402
+from lavis_medblip.annotations.schema import read_annotations, write_annotations  # noqa: E402
 from lavis_medblip.baselines import EHRLogisticRegression  # noqa: E402
-from lavis_medblip.cli.demo import MODELS, Demo, job_dir  # noqa: E402
-from lavis_medblip.tasks.metrics import balanced_accuracy_difference  # noqa: E402
+from lavis_medblip.cli.demo import MODELS, Demo, job_dir, paired_difference  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,33 +40,20 @@ def main(argv: list[str] | None = None) -> None:
     parameters = json.loads((demo.cohort / "cohort.json").read_text())["parameters"]
     if args.seed == parameters["seed"]:
         parser.error(f"--seed {args.seed} is the demo cohort's: its subjects are the ones the models trained on")
-    output_dir = demo.root / "text_only_vs_regression"
-    shutil.rmtree(output_dir, ignore_errors=True)
-    output_dir.mkdir(parents=True)
     records = simulate_ehr_records(args.subjects_per_class, args.seed,
                                    ehr_informativeness=parameters["ehr_informativeness"],
                                    missing_prob=parameters["missing_prob"])
-    fresh = output_dir / "fresh_ehr.jsonl"
+    fresh = demo.root / "fresh_ehr.jsonl"
     write_annotations(fresh, [replace(record, split="test") for record in records])  # all evaluated
 
-    # the LM: the demo's text-only checkpoint, calibrated on the demo's validation split
-    splits = {"val": demo.cohort / "val.jsonl", "test": fresh}
-    demo.launch("lavis_medblip.evaluate", "demo_eval.yaml",
-                [f"run.output_dir={output_dir / 'runs'}", "run.calibration_split=val", "run.test_splits=[test]",
-                 f"model.finetuned={job_dir(demo.runs / 'text_only') / 'checkpoint_latest.pth'}",
-                 *demo.data_options(splits), *MODELS["text_only"]])
-    result = job_dir(output_dir / "runs") / "result"
-    language_model = {p["instance_id"]: p["prediction"]
-                      for p in json.loads((result / "test_epochbest_predictions.json").read_text())}
+    # the LM: the demo's text-only checkpoint, calibrated on the demo's validation split, as the demo evaluates it
+    checkpoint = job_dir(demo.runs / "text_only") / "checkpoint_latest.pth"
+    language_model = demo.evaluate("text_only_fresh_ehr", checkpoint, MODELS["text_only"], {"test": fresh})["test"]
     # the regression, fitted on the demo's training split
-    regression = EHRLogisticRegression().fit(list(read_annotations(demo.cohort / "train.jsonl")))
-    regression_predictions = regression.predict_proba(records).argmax(axis=1)
-
-    labels = [CLASS_NAMES.index(record.label) for record in records]
-    difference = balanced_accuracy_difference(labels, [language_model[record.instance_id] for record in records],
-                                              regression_predictions)
-    language_model_accuracy = json.loads((result / "test_epochbest_metrics.json").read_text())["balanced_accuracy"]
-    regression_accuracy = regression.evaluate(records)["balanced_accuracy"]
+    regression = EHRLogisticRegression().fit(list(read_annotations(demo.cohort / "train.jsonl"))).evaluation(records)
+    difference = paired_difference(language_model, regression)
+    language_model_accuracy = language_model["metrics"]["balanced_accuracy"]
+    regression_accuracy = regression["metrics"]["balanced_accuracy"]
     print(f"\n{len(records)} fresh simulated EHRs (cohort seed {args.seed}, {args.subjects_per_class} per class "
           f"planned; informativeness {parameters['ehr_informativeness']}, fields missing with probability "
           f"{parameters['missing_prob']}), balanced accuracy:")

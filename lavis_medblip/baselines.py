@@ -58,8 +58,16 @@ class EHRLogisticRegression:
 
     def evaluate(self, records: Sequence[AnnotationRecord]) -> dict:
         """The classification task's metrics (balanced accuracy, macro-F1, AUROC, ...) and ``ece``."""
+        return self.evaluation(records)["metrics"]
+
+    def evaluation(self, records: Sequence[AnnotationRecord]) -> dict:
+        """:meth:`evaluate`'s ``metrics`` and ``predictions`` as the evaluation task writes them: per record its
+        instance id, label and predicted class."""
         probs = self.predict_proba(records)
         labels = [CLASS_NAMES.index(record.label) for record in records]
-        metrics = classification_metrics(labels, probs.argmax(axis=1).tolist(), CLASS_NAMES, scores=probs)
+        predictions = probs.argmax(axis=1).tolist()
+        metrics = classification_metrics(labels, predictions, CLASS_NAMES, scores=probs)
         metrics["ece"] = expected_calibration_error(probs, labels)
-        return metrics
+        return {"metrics": metrics, "predictions": [
+            {"instance_id": record.instance_id, "label": label, "prediction": prediction}
+            for record, label, prediction in zip(records, labels, predictions)]}

@@ -39,7 +39,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations, write_annotations
+from lavis_medblip.annotations.schema import read_annotations, write_annotations
 from lavis_medblip.tasks.metrics import Interval, balanced_accuracy_difference
 
 PROJECT_DIR = Path("projects/medblip")
@@ -202,14 +202,7 @@ def ehr_regression(cohort: Path) -> dict:
     from lavis_medblip.baselines import EHRLogisticRegression
 
     model = EHRLogisticRegression().fit(list(read_annotations(cohort / "train.jsonl")))
-    evaluation = {}
-    for split in HELD_OUT:
-        records = list(read_annotations(cohort / f"{split}.jsonl"))
-        predictions = model.predict_proba(records).argmax(axis=1).tolist()
-        evaluation[split] = {"metrics": model.evaluate(records), "predictions": [
-            {"instance_id": record.instance_id, "label": CLASS_NAMES.index(record.label), "prediction": prediction}
-            for record, prediction in zip(records, predictions)]}
-    return evaluation
+    return {split: model.evaluation(list(read_annotations(cohort / f"{split}.jsonl"))) for split in HELD_OUT}
 
 
 def evaluation_of(results: dict, row: str, split: str) -> dict:
@@ -224,22 +217,28 @@ def table_rows(results: dict) -> dict[str, dict[str, dict]]:
     return {row: {split: evaluation_of(results, row, split)["metrics"] for split in HELD_OUT} for row in ROWS}
 
 
+def paired_difference(evaluation: dict, other: dict) -> Interval:
+    """Balanced accuracy of one evaluation minus another's on the subjects both scored (a skipped scan: in
+    neither), with its paired-bootstrap interval; each as the evaluation task writes it (metrics, predictions)."""
+    predicted, other_predicted = ({p["instance_id"]: (p["label"], p["prediction"]) for p in e["predictions"]}
+                                  for e in (evaluation, other))
+    subjects = sorted(predicted.keys() & other_predicted.keys())
+    return balanced_accuracy_difference([predicted[subject][0] for subject in subjects],
+                                        [predicted[subject][1] for subject in subjects],
+                                        [other_predicted[subject][1] for subject in subjects])
+
+
 def differences(results: dict) -> dict[str, dict[str, Interval]]:
     """Held-out set → comparison (:data:`COMPARISONS`) → the difference in balanced accuracy, with its interval."""
     table = {}
     for split in HELD_OUT:
-        predicted = {row: {p["instance_id"]: (p["label"], p["prediction"])
-                         for p in evaluation_of(results, row, split)["predictions"]} for row in ROWS}
         accuracy = {row: evaluation_of(results, row, split)["metrics"]["balanced_accuracy"] for row in ROWS}
         better_baseline = max(("text_only", "image_only"), key=accuracy.get)
         table[split] = {}
         for name, (row, other) in COMPARISONS.items():
             other = better_baseline if other == "better_baseline" else other
-            subjects = sorted(predicted[row].keys() & predicted[other].keys())  # a skipped scan: in neither
-            table[split][name] = balanced_accuracy_difference(
-                [predicted[row][subject][0] for subject in subjects],
-                [predicted[row][subject][1] for subject in subjects],
-                [predicted[other][subject][1] for subject in subjects])
+            table[split][name] = paired_difference(evaluation_of(results, row, split),
+                                                   evaluation_of(results, other, split))
     return table
 
 
