@@ -61,13 +61,17 @@ class EHRLogisticRegression:
         return self.evaluation(records)["metrics"]
 
     def evaluation(self, records: Sequence[AnnotationRecord]) -> dict:
-        """:meth:`evaluate`'s ``metrics`` and ``predictions`` as the evaluation task writes them: per record its
-        instance id, label and predicted class."""
-        probs = self.predict_proba(records)
-        labels = [CLASS_NAMES.index(record.label) for record in records]
-        predictions = probs.argmax(axis=1).tolist()
-        metrics = classification_metrics(labels, predictions, CLASS_NAMES, scores=probs)
-        metrics["ece"] = expected_calibration_error(probs, labels)
-        return {"metrics": metrics, "predictions": [
-            {"instance_id": record.instance_id, "label": label, "prediction": prediction}
-            for record, label, prediction in zip(records, labels, predictions)]}
+        """:meth:`evaluate`'s ``metrics`` and ``predictions`` (:func:`evaluation_of_probabilities`)."""
+        return evaluation_of_probabilities(records, self.predict_proba(records))
+
+
+def evaluation_of_probabilities(records: Sequence[AnnotationRecord], probs: np.ndarray) -> dict:
+    """Class probabilities (N, classes; :data:`CLASS_NAMES` order) of a baseline as the evaluation task writes its
+    results: ``metrics`` (with ``ece``) and ``predictions``, per record its instance id, label and predicted class."""
+    labels = [CLASS_NAMES.index(record.label) for record in records]
+    predictions = probs.argmax(axis=1).tolist()
+    metrics = classification_metrics(labels, predictions, CLASS_NAMES, scores=probs)
+    metrics["ece"] = expected_calibration_error(probs, labels)
+    return {"metrics": metrics, "predictions": [
+        {"instance_id": record.instance_id, "label": label, "prediction": prediction}
+        for record, label, prediction in zip(records, labels, predictions)]}

@@ -15,8 +15,8 @@ import pytest
 
 from dataset_builders.simulate_cohort import (
     BASIS_NAMES, HELD_OUT_ANATOMY, HELD_OUT_SITE, HIPPOCAMPUS, RATE_LIMITS, SITES, TRAINING_ANATOMY,
-    TRAINING_SITES, VENTRICLE_IDS, SubjectSpec, jacobian_determinant, main, simulate_cohort, simulate_subject,
-    simulate_ehr_records, structure_basis, structure_displacement,
+    TRAINING_SITES, VENTRICLE_IDS, SubjectSpec, ehr_log_likelihood, jacobian_determinant, main, simulate_cohort,
+    simulate_subject, simulate_ehr_records, structure_basis, structure_displacement,
 )
 from lavis_medblip.annotations.ehr import describe_ehr
 from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations
@@ -101,6 +101,34 @@ def test_the_cohorts_ehr_records_come_without_scans_for_the_models_that_read_non
 
     assert sorted(records, key=lambda r: r.subject_id) == sorted(everyone, key=lambda r: r.subject_id)
     assert simulate_ehr_records(4, seed=8) != records
+
+
+def test_the_ehr_likelihood_is_a_distribution_over_what_the_simulator_records():
+    for label in CLASS_NAMES:
+        for field, values in (("education_years", range(6, 21)), ("mmse", range(10, 31)),
+                              ("cdr_global", (0.0, 0.5, 1.0, 2.0)), ("sex", "MF")):
+            total = sum(np.exp(ehr_log_likelihood({field: value}, label, kappa=0.5)) for value in values)
+            assert total == pytest.approx(1.0), (label, field)
+        ages = np.round(np.arange(55.0, 95.05, 0.1), 1)
+        assert sum(np.exp(ehr_log_likelihood({"age": age}, label, kappa=0.5)) for age in ages) == pytest.approx(1.0)
+        assert ehr_log_likelihood({"age": None, "mmse": None}, label, kappa=0.5) == 0.0  # missing: no evidence
+
+
+def test_the_bayes_optimal_reader_of_the_ehr_beats_chance_and_a_regression():
+    from lavis_medblip.baselines import EHRLogisticRegression
+
+    train, test = simulate_ehr_records(100, seed=1, ehr_informativeness=0.5), \
+        simulate_ehr_records(100, seed=2, ehr_informativeness=0.5)
+    truth = np.array([CLASS_NAMES.index(record.label) for record in test])
+    bayes = np.array([np.argmax([ehr_log_likelihood(record.ehr, label, kappa=0.5) for label in CLASS_NAMES])
+                      for record in test])
+    regression = EHRLogisticRegression().fit(train).predict_proba(test).argmax(axis=1)
+
+    def balanced_accuracy(predicted):
+        return np.mean([np.mean(predicted[truth == k] == k) for k in range(len(CLASS_NAMES))])
+
+    assert balanced_accuracy(bayes) > 0.45  # chance 0.33
+    assert balanced_accuracy(bayes) >= balanced_accuracy(regression)
 
 
 def test_held_out_site_is_the_test_split_and_subjects_are_in_one_split(cohort):

@@ -128,10 +128,7 @@ class Demo:
         self.launch("lavis_medblip.evaluate", "demo_eval.yaml",
                     [f"run.output_dir={output_dir}", f"model.finetuned={checkpoint}", "run.calibration_split=val",
                      f"run.test_splits=[{','.join(test_sets)}]", *self.data_options(splits), *options])
-        result_dir = job_dir(output_dir) / "result"
-        return {split: {"metrics": json.loads((result_dir / f"{split}_epochbest_metrics.json").read_text()),
-                        "predictions": json.loads((result_dir / f"{split}_epochbest_predictions.json").read_text())}
-                for split in test_sets}
+        return read_evaluation(output_dir, test_sets)
 
     def train_image_model(self, name: str, options: Sequence[str], epochs: Sequence[str]) -> Path:
         """The two stages of the image models, as BLIP-2: LM-free ITC, then the full loss from its checkpoint."""
@@ -192,6 +189,14 @@ def job_dir(output_dir: Path) -> Path:
     """The run folder the launcher made under ``output_dir`` (emptied before each run)."""
     (folder,) = [path for path in output_dir.iterdir() if path.is_dir()]
     return folder
+
+
+def read_evaluation(output_dir: Path, splits: Sequence[str]) -> dict:
+    """An evaluation run's metrics and predictions per split (:meth:`Demo.evaluate`)."""
+    result_dir = job_dir(output_dir) / "result"
+    return {split: {"metrics": json.loads((result_dir / f"{split}_epochbest_metrics.json").read_text()),
+                    "predictions": json.loads((result_dir / f"{split}_epochbest_predictions.json").read_text())}
+            for split in splits}
 
 
 def read_steps(run_dir: Path) -> list[dict]:
