@@ -88,6 +88,10 @@ distributions loosely following MedBLIP's Table 1 (ADNI), then made weak on purp
 * ``missing_prob`` (default 0.4): each field is independently missing (``null`` in ``ehr``,
   omitted from ``text`` by :func:`lavis_medblip.annotations.ehr.describe_ehr`).
 
+:class:`EHRDistribution` holds these distributions; :func:`ehr_log_likelihood` scores a recorded EHR under
+them, so the Bayes-optimal reader of the text is known (``benchmarks/text_only_vs_regression.py``: 0.54
+balanced accuracy on 1,125 EHRs of the demo's settings).
+
 With the defaults (measured on 60 subjects/class, seed 0, train on ``train``, test on ``test``):
 logistic regression on the recorded EHR fields reaches ~0.45 balanced accuracy (0.45 on 6000
 simulated EHRs; measured at version 1.1, and 2.0 draws the same EHRs), on the ICV-normalised
