@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+from scipy.special import softmax  # noqa: E402
 
 from dataset_builders.simulate_cohort import ehr_log_likelihood, simulate_ehr_records  # noqa: E402
 from lavis_medblip.annotations.schema import (  # noqa: E402
@@ -41,8 +42,7 @@ def bayes_optimal_evaluation(records: list[AnnotationRecord], kappa: float) -> d
     them), as an evaluation (metrics and predictions)."""
     log_likelihoods = np.array([[ehr_log_likelihood(record.ehr, label, kappa) for label in CLASS_NAMES]
                                 for record in records])
-    probs = np.exp(log_likelihoods - log_likelihoods.max(axis=1, keepdims=True))
-    return evaluation_of_probabilities(records, probs / probs.sum(axis=1, keepdims=True))
+    return evaluation_of_probabilities(records, softmax(log_likelihoods, axis=1))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -237,8 +237,8 @@ def differences(results: dict) -> dict[str, dict[str, Interval]]:
     """Held-out set → comparison (:data:`COMPARISONS`) → the difference in balanced accuracy, with its interval."""
     table = {}
     for split in HELD_OUT:
-        accuracy = {row: evaluation_of(results, row, split)["metrics"]["balanced_accuracy"] for row in ROWS}
-        better_baseline = max(("text_only", "image_only"), key=accuracy.get)
+        better_baseline = max(("text_only", "image_only"),
+                              key=lambda row: evaluation_of(results, row, split)["metrics"]["balanced_accuracy"])
         table[split] = {}
         for name, (row, other) in COMPARISONS.items():
             other = better_baseline if other == "better_baseline" else other
