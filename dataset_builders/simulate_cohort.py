@@ -811,11 +811,12 @@ def simulate_cohort(out_dir: str | Path, subjects_per_class: int = 60, seed: int
                     voxel_mm: float = 2.0, test_fraction: float = 0.25, val_fraction: float = 0.15,
                     ehr_informativeness: float = 0.3, missing_prob: float = 0.4, atrophy_scale: float = 1.0,
                     save_labels: bool = False, workers: int = 1, force: bool = False,
-                    progress: bool = True) -> CohortResult:
+                    progress: bool = True, splits: Sequence[str] = COHORT_SPLITS) -> CohortResult:
     """Write the cohort to ``out_dir`` (see the module docstring); a matching ``cohort.json`` is a cache hit.
 
     ``workers`` > 1 uses that many spawned processes (each builds the template and basis once,
-    a few seconds); the output does not depend on it.
+    a few seconds); the output does not depend on it. ``splits`` keeps only those splits' subjects (each as the
+    whole plan would draw it): e.g. fresh held-out sets for trained models, without simulating a training set.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -825,10 +826,17 @@ def simulate_cohort(out_dir: str | Path, subjects_per_class: int = 60, seed: int
         "ehr_informativeness": float(ehr_informativeness), "missing_prob": float(missing_prob),
         "atrophy_scale": float(atrophy_scale), "save_labels": bool(save_labels),
     }
+    unknown = set(splits) - set(COHORT_SPLITS)
+    if unknown or not splits:
+        raise ValueError(f"splits must be some of {COHORT_SPLITS} (got {list(splits)})")
+    splits = tuple(split for split in COHORT_SPLITS if split in splits)
+    if splits != COHORT_SPLITS:  # the whole cohort's cache key stays as it was before splits existed
+        parameters["splits"] = list(splits)
     cohort_file = out_dir / "cohort.json"
-    annotation_files = {split: out_dir / f"{split}.jsonl" for split in COHORT_SPLITS}
+    annotation_files = {split: out_dir / f"{split}.jsonl" for split in splits}
     subjects_file = out_dir / "subjects.jsonl"
-    specs = plan_cohort(subjects_per_class, seed, test_fraction=test_fraction, val_fraction=val_fraction)
+    specs = [spec for spec in plan_cohort(subjects_per_class, seed, test_fraction=test_fraction,
+                                          val_fraction=val_fraction) if spec.split in splits]
     if not force and cohort_file.exists():
         previous = json.loads(cohort_file.read_text(encoding="utf-8"))
         files = [out_dir / _image_path(spec) for spec in specs] + list(annotation_files.values()) + [subjects_file]
@@ -874,7 +882,7 @@ def simulate_cohort(out_dir: str | Path, subjects_per_class: int = 60, seed: int
         "held_out_site": HELD_OUT_SITE.name, "counts": counts,
         "anatomy_families": {name: asdict(family) for name, family in ANATOMY_FAMILIES.items()},
         "split_anatomy": {split: (HELD_OUT_ANATOMY if split == "test_anatomy" else TRAINING_ANATOMY).name
-                          for split in COHORT_SPLITS},
+                          for split in splits},
         "annotation_files": {split: path.name for split, path in annotation_files.items()},
         "template": "ICBM 2009c nonlinear symmetric T1 + CerebrA labels (lavis_medblip.assets)",
     }

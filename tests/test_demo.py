@@ -27,7 +27,7 @@ def test_shuffled_images_keep_text_and_labels(tmp_path):
     run = demo.Demo(tmp_path)
     records = write_held_out(run.cohort)
 
-    path = run.write_shuffled("test", seed=0)
+    path = demo.write_shuffled(run.cohort / "test.jsonl", seed=0)
     shuffled = [json.loads(line) for line in path.read_text().splitlines()]
 
     assert path.parent == run.cohort  # image paths stay relative to the cohort root
@@ -35,7 +35,7 @@ def test_shuffled_images_keep_text_and_labels(tmp_path):
         (r["subject_id"], r["text"], r["label"]) for r in records]
     assert sorted(r["image"] for r in shuffled) == sorted(r["image"] for r in records)
     assert sum(a["image"] != b["image"] for a, b in zip(shuffled, records)) >= 6
-    assert run.write_shuffled("test", seed=0).read_text() == path.read_text()  # by seed
+    assert demo.write_shuffled(run.cohort / "test.jsonl", seed=0).read_text() == path.read_text()  # by seed
 
 
 def test_ehr_regression_reads_the_fields_and_their_missingness():

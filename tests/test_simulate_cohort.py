@@ -94,6 +94,20 @@ def test_annotations_follow_the_schema(cohort):
         assert {r.split for r in records[held_out_set]} == {"test"}  # the schema's split; the file names the set
 
 
+def test_fresh_held_out_sets_come_without_a_training_set(cohort, tmp_path):
+    held_out = simulate_cohort(tmp_path, seed=7, splits=("test", "test_anatomy"), **SMALL)
+
+    assert set(held_out.annotation_files) == {"test", "test_anatomy"} and held_out.n_subjects == 6
+    assert not (tmp_path / "train.jsonl").exists()
+    for split, path in held_out.annotation_files.items():  # each subject exactly as the whole cohort draws it
+        assert path.read_bytes() == cohort.annotation_files[split].read_bytes()
+        for record in read_annotations(path):
+            assert (tmp_path / record.image).read_bytes() == (cohort.out_dir / record.image).read_bytes()
+    assert simulate_cohort(tmp_path, seed=7, splits=("test_anatomy", "test"), **SMALL).cache_hit
+    with pytest.raises(ValueError, match="splits must be some of"):
+        simulate_cohort(tmp_path, seed=7, splits=("holdout",), **SMALL)
+
+
 def test_the_cohorts_ehr_records_come_without_scans_for_the_models_that_read_none(cohort):
     everyone = [record for split in _records(cohort).values() for record in split]
 

@@ -152,19 +152,6 @@ class Demo:
             run = self.train(variant, [*options, *epochs])
         return run, self.evaluate(f"{variant}_eval", run / "checkpoint_latest.pth", options, test_sets)
 
-    def write_shuffled(self, split: str, seed: int) -> Path:
-        """``<split>_images_shuffled.jsonl``: the images permuted across subjects, EHR text and labels kept.
-
-        The image-evidence control: a model whose gain over text only comes from the images gets worse on it.
-        """
-        records = list(read_annotations(self.cohort / f"{split}.jsonl"))
-        images = [record.image for record in records]
-        random.Random(seed).shuffle(images)
-        path = self.cohort / f"{split}_images_shuffled.jsonl"
-        write_annotations(path, (replace(record, image=image) for record, image in zip(records, images)))
-        return path
-
-
 class VolumeCache:
     """The demo's volume cache, warmed once by whichever lane needs it first; the other lane waits for it (and
     gets its error, if warming failed, rather than warming again)."""
@@ -185,6 +172,18 @@ class VolumeCache:
                 self._warm = True
 
 
+def write_shuffled(annotations: Path, seed: int) -> Path:
+    """``<name>_images_shuffled.jsonl`` beside ``annotations``: the images permuted across subjects, EHR text and
+    labels kept. The image-evidence control: a model whose gain over text only comes from the images gets worse on it.
+    """
+    records = list(read_annotations(annotations))
+    images = [record.image for record in records]
+    random.Random(seed).shuffle(images)
+    path = annotations.with_name(f"{annotations.stem}_images_shuffled.jsonl")
+    write_annotations(path, (replace(record, image=image) for record, image in zip(records, images)))
+    return path
+
+
 def job_dir(output_dir: Path) -> Path:
     """The run folder the launcher made under ``output_dir`` (emptied before each run)."""
     (folder,) = [path for path in output_dir.iterdir() if path.is_dir()]
@@ -203,11 +202,12 @@ def read_steps(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "train_steps.jsonl").read_text().splitlines()]
 
 
-def ehr_regression(cohort: Path) -> dict:
+def ehr_regression(train: Path, test_sets: dict[str, Path]) -> dict:
+    """The EHR regression row: fitted on ``train``, an evaluation (metrics, predictions) per test set."""
     from lavis_medblip.baselines import EHRLogisticRegression
 
-    model = EHRLogisticRegression().fit(list(read_annotations(cohort / "train.jsonl")))
-    return {split: model.evaluation(list(read_annotations(cohort / f"{split}.jsonl"))) for split in HELD_OUT}
+    model = EHRLogisticRegression().fit(list(read_annotations(train)))
+    return {split: model.evaluation(list(read_annotations(path))) for split, path in test_sets.items()}
 
 
 def evaluation_of(results: dict, row: str, split: str) -> dict:
@@ -333,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "--atrophy-scale", str(args.atrophy_scale), "--ehr-informativeness", str(args.ehr_informativeness),
                 "--workers", "2"]
     demo.run(simulate)
-    shuffled = {f"{split}_images_shuffled": demo.write_shuffled(split, args.seed) for split in HELD_OUT}
     held_out = {split: demo.cohort / f"{split}.jsonl" for split in HELD_OUT}
+    shuffled = {f"{split}_images_shuffled": write_shuffled(path, args.seed) for split, path in held_out.items()}
     timings["cohort"] = time.time() - start
 
     # 2-4. preprocess the scans, train and evaluate the three models, in lanes; image + text also on shuffled images
@@ -350,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         trained = {variant: done for lane in pool.map(run_lane, LANES) for variant, done in lane.items()}
     results: dict = {variant: evaluation for variant, (_, evaluation) in trained.items()}
     results["steps"] = {variant: read_steps(run_dir) for variant, (run_dir, _) in trained.items()}
-    results["ehr_regression"] = ehr_regression(demo.cohort)
+    results["ehr_regression"] = ehr_regression(demo.cohort / "train.jsonl", held_out)
     lanes = f"{jobs} lane{'s' * (jobs > 1)}"
     timings[f"scans, training and evaluation ({lanes})"] = time.time() - start - sum(timings.values())
 
