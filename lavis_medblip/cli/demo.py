@@ -363,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                        for split, per_split in intervals.items()}}, indent=2))
     print("minutes: " + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()))
     print(f"report: {report}  metrics: {demo.root / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
+    print("the same models on more held-out subjects: python benchmarks/demo_on_fresh_subjects.py --seed 7")
 
 
 if __name__ == "__main__":
