@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_builders.simulate_cohort import simulate_cohort  # noqa: E402
 from lavis_medblip.cli.demo import (  # noqa: E402
-    HELD_OUT, MODELS, Demo, differences, ehr_regression, job_dir, print_table, table_rows, write_shuffled,
+    HELD_OUT, MODELS, Demo, differences, ehr_regression, job_dir, print_table, table_rows, test_sets, write_results,
 )
 
 
@@ -49,22 +48,20 @@ def main(argv: list[str] | None = None) -> None:
         ehr_informativeness=parameters["ehr_informativeness"], missing_prob=parameters["missing_prob"],
         workers=2, splits=tuple(HELD_OUT))
     held_out = {split: fresh.annotation_files[split] for split in HELD_OUT}
-    shuffled = {f"{split}_images_shuffled": write_shuffled(path, args.seed) for split, path in held_out.items()}
+    evaluated_on = test_sets(held_out, args.seed)
 
     results = {}
     for variant, options in MODELS.items():
         checkpoint = job_dir(demo.runs / variant) / "checkpoint_latest.pth"
-        test_sets = {**held_out, **shuffled} if variant == "image_text" else held_out
-        results[variant] = demo.evaluate(f"{variant}_fresh_seed{args.seed}", checkpoint, options, test_sets)
+        results[variant] = demo.evaluate(f"{variant}_fresh_seed{args.seed}", checkpoint, options,
+                                         evaluated_on[variant])
     results["ehr_regression"] = ehr_regression(demo.cohort / "train.jsonl", held_out)
 
     rows, intervals = table_rows(results), differences(results)
     print(f"\nThe demo's trained models on fresh subjects (cohort seed {args.seed}, {fresh.counts})")
     print_table(rows, intervals)
     path = demo.root / f"fresh_subjects_seed{args.seed}.json"
-    path.write_text(json.dumps(
-        {"rows": rows, "differences": {split: {name: asdict(interval) for name, interval in per_split.items()}
-                                       for split, per_split in intervals.items()}}, indent=2))
+    write_results(path, rows, intervals)
     print(f"metrics: {path}  ({(time.time() - start) / 60:.1f} min)")
 
 

@@ -184,6 +184,20 @@ def write_shuffled(annotations: Path, seed: int) -> Path:
     return path
 
 
+def test_sets(held_out: dict[str, Path], seed: int) -> dict[str, dict[str, Path]]:
+    """Model → the sets it is evaluated on: the held-out sets, and for image + text also each with its images
+    shuffled (:func:`write_shuffled`, read back by :func:`evaluation_of`)."""
+    shuffled = {f"{split}_images_shuffled": write_shuffled(path, seed) for split, path in held_out.items()}
+    return {variant: {**held_out, **shuffled} if variant == "image_text" else held_out for variant in MODELS}
+
+
+def write_results(path: Path, rows: dict, intervals: dict[str, dict[str, Interval]]) -> None:
+    """The table's rows and differences as JSON (``results.json``)."""
+    path.write_text(json.dumps(
+        {"rows": rows, "differences": {split: {name: asdict(interval) for name, interval in per_split.items()}
+                                       for split, per_split in intervals.items()}}, indent=2))
+
+
 def job_dir(output_dir: Path) -> Path:
     """The run folder the launcher made under ``output_dir`` (emptied before each run)."""
     (folder,) = [path for path in output_dir.iterdir() if path.is_dir()]
@@ -334,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "--workers", "2"]
     demo.run(simulate)
     held_out = {split: demo.cohort / f"{split}.jsonl" for split in HELD_OUT}
-    shuffled = {f"{split}_images_shuffled": write_shuffled(path, args.seed) for split, path in held_out.items()}
+    evaluated_on = test_sets(held_out, args.seed)
     timings["cohort"] = time.time() - start
 
     # 2-4. preprocess the scans, train and evaluate the three models, in lanes; image + text also on shuffled images
@@ -342,9 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     def run_lane(lane: Sequence[str]) -> dict[str, tuple[Path, dict]]:
         launcher = demo if jobs == 1 else demo.lane("+".join(lane))
-        return {variant: launcher.train_and_evaluate(
-                    variant, epochs, {**held_out, **shuffled} if variant == "image_text" else held_out)
-                for variant in lane}
+        return {variant: launcher.train_and_evaluate(variant, epochs, evaluated_on[variant]) for variant in lane}
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         trained = {variant: done for lane in pool.map(run_lane, LANES) for variant, done in lane.items()}
@@ -358,9 +370,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows, intervals = table_rows(results), differences(results)
     print_table(rows, intervals)
     report = write_report(demo, results, rows, demo.root / "report.png")
-    (demo.root / "results.json").write_text(json.dumps(
-        {"rows": rows, "differences": {split: {name: asdict(interval) for name, interval in per_split.items()}
-                                       for split, per_split in intervals.items()}}, indent=2))
+    write_results(demo.root / "results.json", rows, intervals)
     print("minutes: " + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()))
     print(f"report: {report}  metrics: {demo.root / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
     print("the same models on more held-out subjects: python benchmarks/demo_on_fresh_subjects.py --seed 7")
