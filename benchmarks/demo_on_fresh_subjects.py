@@ -8,24 +8,84 @@ would draw it; no training set is simulated), evaluates the demo's three trained
 regression on the demo's training split, and prints the demo's table for them. Run it with a few seeds to see how
 far the demo's 75-subject rows are from what its models do on the population.
 
+Under the table, two references that are not models: logistic regressions on the volumes the simulator measured in
+each subject's image (brain, hippocampus, ventricles; what a perfect segmentation reads), without and with the EHR
+fields, fitted on the demo's training split. They show how much of the margins the image could give through them.
+
     python benchmarks/demo_on_fresh_subjects.py [--root .cache/demo] [--seed 7] [--per-class 50]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
+
+import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dataset_builders.simulate_cohort import simulate_cohort  # noqa: E402
+from lavis_medblip.annotations.schema import CLASS_NAMES, AnnotationRecord, read_annotations  # noqa: E402
+from lavis_medblip.baselines import ehr_features, evaluation_of_probabilities, logistic_regression  # noqa: E402
 from lavis_medblip.cli.demo import (  # noqa: E402
-    HELD_OUT, MODELS, Demo, differences, ehr_regression, job_dir, print_table, table_rows, test_sets, write_results,
+    HELD_OUT, MODELS, Demo, difference_line, differences, ehr_regression, job_dir, paired_difference,
+    print_table, table_line, table_rows, test_sets, write_results,
 )
+
+#: The reference readers: name → whether they read the EHR fields too.
+MEASUREMENT_READERS = {"volumes (log. regression)": False, "volumes + EHR (log. regression)": True}
+#: The differences printed for them: name → (row, the row it is compared with); rows of the table or references.
+REFERENCE_COMPARISONS = {"image only - volumes": ("image_only", "volumes (log. regression)"),
+                         "image + text - volumes + EHR": ("image_text", "volumes + EHR (log. regression)"),
+                         "volumes + EHR - text only": ("volumes + EHR (log. regression)", "text_only")}
+
+
+def volume_features(cohort: Path, records: Sequence[AnnotationRecord]) -> np.ndarray:
+    """Per record: log brain volume, and log hippocampus and ventricle volumes relative to it, as the simulator
+    measured them in the subject's image (``subjects.jsonl`` of ``cohort``)."""
+    subjects = (json.loads(line) for line in (cohort / "subjects.jsonl").read_text().splitlines())
+    volumes = {subject["subject_id"]: subject["volumes"] for subject in subjects}
+    return np.asarray([[math.log(v["brain_mm3"]), math.log(v["hippocampus_mm3"] / v["brain_mm3"]),
+                        math.log(v["ventricles_mm3"] / v["brain_mm3"])]
+                       for v in (volumes[record.subject_id] for record in records)])
+
+
+def measurement_readers(train_cohort: Path, held_out_cohort: Path) -> dict[str, dict[str, dict]]:
+    """The reference readers, fitted on ``train_cohort``'s training split: name → held-out set → evaluation."""
+    def features(cohort: Path, records: list[AnnotationRecord], with_ehr: bool) -> np.ndarray:
+        return np.hstack([volume_features(cohort, records), *[ehr_features(records)] * with_ehr])
+
+    train = list(read_annotations(train_cohort / "train.jsonl"))
+    tests = {split: list(read_annotations(held_out_cohort / f"{split}.jsonl")) for split in HELD_OUT}
+    readers = {}
+    for name, with_ehr in MEASUREMENT_READERS.items():
+        model = logistic_regression().fit(features(train_cohort, train, with_ehr),
+                                          [CLASS_NAMES.index(record.label) for record in train])
+        readers[name] = {split: evaluation_of_probabilities(
+            records, model.predict_proba(features(held_out_cohort, records, with_ehr))) for split, records in tests.items()}
+    return readers
+
+
+def print_references(readers: dict[str, dict[str, dict]], results: dict) -> dict[str, dict[str, dict]]:
+    """Print the reference readers' rows and their differences to the table's; returns the differences."""
+    evaluations = {**readers, **results}
+    compared = {name: {split: paired_difference(evaluations[row][split], evaluations[other][split])
+                       for split in HELD_OUT} for name, (row, other) in REFERENCE_COMPARISONS.items()}
+    print("References, not models: readers of the volumes the simulator measured in each image, fitted on the "
+          "demo's training split")
+    for name, per_split in readers.items():
+        print(table_line(name, {split: evaluation["metrics"] for split, evaluation in per_split.items()}))
+    print()
+    for name, per_split in compared.items():
+        print(difference_line(name, per_split))
+    print()
+    return compared
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,8 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     rows, intervals = table_rows(results), differences(results)
     print(f"\nThe demo's trained models on fresh subjects (cohort seed {args.seed}, {fresh.counts})")
     print_table(rows, intervals)
+    readers = measurement_readers(demo.cohort, fresh.out_dir)
+    compared = print_references(readers, results)
     path = demo.root / f"fresh_subjects_seed{args.seed}.json"
-    write_results(path, rows, intervals)
+    write_results(path, rows, intervals, references={
+        "rows": {name: {split: e["metrics"] for split, e in per_split.items()} for name, per_split in readers.items()},
+        "differences": {split: {name: per_split[split] for name, per_split in compared.items()} for split in HELD_OUT}})
     print(f"metrics: {path}  ({(time.time() - start) / 60:.1f} min)")
 
 

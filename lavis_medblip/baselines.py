@@ -31,6 +31,18 @@ def ehr_features(records: Iterable[AnnotationRecord]) -> np.ndarray:
     return np.asarray(rows, dtype=float)
 
 
+def logistic_regression(regularisation: float = 1.0) -> Any:
+    """The baselines' classifier (scikit-learn): missing values at the mean, standardised features, multinomial
+    logistic regression with ``C=regularisation``; unfitted."""
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(SimpleImputer(strategy="mean", keep_empty_features=True), StandardScaler(),
+                         LogisticRegression(C=regularisation, max_iter=2000))
+
+
 @dataclass
 class EHRLogisticRegression:
     """Multinomial logistic regression on :func:`ehr_features`, standardised, missing values at the mean."""
@@ -39,15 +51,8 @@ class EHRLogisticRegression:
     pipeline: Any = None
 
     def fit(self, records: Sequence[AnnotationRecord]) -> "EHRLogisticRegression":
-        from sklearn.impute import SimpleImputer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-
         labels = [CLASS_NAMES.index(record.label) for record in records]
-        self.pipeline = make_pipeline(SimpleImputer(strategy="mean", keep_empty_features=True), StandardScaler(),
-                                      LogisticRegression(C=self.regularisation, max_iter=2000))
-        self.pipeline.fit(ehr_features(records), labels)
+        self.pipeline = logistic_regression(self.regularisation).fit(ehr_features(records), labels)
         return self
 
     def predict_proba(self, records: Sequence[AnnotationRecord]) -> np.ndarray:

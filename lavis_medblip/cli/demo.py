@@ -191,11 +191,13 @@ def test_sets(held_out: dict[str, Path], seed: int) -> dict[str, dict[str, Path]
     return {variant: {**held_out, **shuffled} if variant == "image_text" else held_out for variant in MODELS}
 
 
-def write_results(path: Path, rows: dict, intervals: dict[str, dict[str, Interval]]) -> None:
-    """The table's rows and differences as JSON (``results.json``)."""
-    path.write_text(json.dumps(
-        {"rows": rows, "differences": {split: {name: asdict(interval) for name, interval in per_split.items()}
-                                       for split, per_split in intervals.items()}}, indent=2))
+def write_results(path: Path, rows: dict, intervals: dict[str, dict[str, Interval]], **more: dict) -> None:
+    """The table's rows and differences as JSON (``results.json``), and ``more`` sections (intervals as dicts)."""
+    def plain(value):
+        return asdict(value) if isinstance(value, Interval) else value
+
+    sections = {"rows": rows, "differences": intervals, **more}
+    path.write_text(json.dumps(sections, indent=2, default=plain))
 
 
 def job_dir(output_dir: Path) -> Path:
@@ -261,23 +263,34 @@ def differences(results: dict) -> dict[str, dict[str, Interval]]:
     return table
 
 
+TABLE_COLUMNS = (("balanced_accuracy", "bal acc"), ("macro_f1", "macro-F1"), ("macro_auroc", "AUROC"), ("ece", "ECE"))
+
+
+def table_line(name: str, per_split: dict[str, dict]) -> str:
+    """One row of the table: its name, then its metrics on each held-out set."""
+    return f"{name:<32}" + "".join("    " + "".join(f"{per_split[split][key]:>9.3f}" for key, _ in TABLE_COLUMNS)
+                                   for split in HELD_OUT)
+
+
+def difference_line(name: str, per_split: dict[str, Interval]) -> str:
+    """One difference in balanced accuracy, in points with its interval, on each held-out set."""
+    return f"{name:<44}" + "".join(f"{f'{100 * i.estimate:+.1f} [{100 * i.low:+.1f}, {100 * i.high:+.1f}]':>27}"
+                                   for i in (per_split[split] for split in HELD_OUT))
+
+
 def print_table(rows: dict[str, dict[str, dict]], intervals: dict[str, dict[str, Interval]]) -> None:
-    columns = (("balanced_accuracy", "bal acc"), ("macro_f1", "macro-F1"), ("macro_auroc", "AUROC"), ("ece", "ECE"))
-    block = "".join(f"{title:>9}" for _, title in columns)
+    block = "".join(f"{title:>9}" for _, title in TABLE_COLUMNS)
     print("\nZero-shot NC / MCI / AD (probabilities calibrated on the training sites' validation split)")
     print(f"{'':<32}" + "".join(f"{HELD_OUT[split] + ' (n=' + str(rows['image_text'][split]['num_samples']) + ')':>37}"
                               for split in HELD_OUT))
     print(f"{'model':<32}" + f"    {block}" * len(HELD_OUT))
     for row, per_split in rows.items():
-        cells = "".join("    " + "".join(f"{per_split[split][key]:>9.3f}" for key, _ in columns) for split in HELD_OUT)
-        print(f"{ROWS[row]:<32}{cells}")
+        print(table_line(ROWS[row], per_split))
     print("\nDifferences in balanced accuracy, points [95% interval of a paired bootstrap over the held-out subjects:\n"
           "the evaluation's noise only; training seeds and the CPU move the rows too (README, demo)]")
     print(f"{'':<44}" + "".join(f"{HELD_OUT[split]:>27}" for split in HELD_OUT))
     for name in COMPARISONS:
-        cells = (intervals[split][name] for split in HELD_OUT)
-        print(f"{name:<44}" + "".join(f"{f'{100 * i.estimate:+.1f} [{100 * i.low:+.1f}, {100 * i.high:+.1f}]':>27}"
-                                      for i in cells))
+        print(difference_line(name, {split: intervals[split][name] for split in HELD_OUT}))
     print()
 
 
