@@ -126,6 +126,22 @@ def test_a_failed_warm_up_stops_the_other_lane_too(tmp_path):
         cache.warm_once(lambda: pytest.fail("warmed twice"))
 
 
+def write_stage1_steps(run_dir, first_epoch_losses, last_epoch_losses):
+    steps = [{"epoch": epoch, "step": step, "loss_itc_qa": loss}
+             for epoch, losses in ((0, first_epoch_losses), (7, last_epoch_losses)) for step, loss in enumerate(losses)]
+    (run_dir / "train_steps.jsonl").write_text("".join(json.dumps(step) + "\n" for step in steps))
+    return run_dir
+
+
+def test_a_stage_1_that_never_left_chance_is_named_after_the_table(tmp_path):
+    stuck = write_stage1_steps(tmp_path, [2.081, 2.080], [2.079, 2.079])  # ln 8 = 2.079: a batch of 8 at chance
+    warning = demo.stage1_warning(stuck)
+    assert str(stuck) in warning and "did not learn" in warning and "--train-seed" in warning
+
+    learned = write_stage1_steps(tmp_path, [2.086, 2.083], [1.70, 1.64])  # the table's run: 2.085 -> 1.671
+    assert demo.stage1_warning(learned) is None
+
+
 @pytest.mark.slow
 def test_demo_smoke_prints_every_row_on_both_held_out_sets(tmp_path, capsys):
     demo.main(["--root", str(tmp_path), "--subjects-per-class", "8", "--max-epoch", "1"])
