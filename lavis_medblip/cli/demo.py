@@ -198,7 +198,9 @@ def test_sets(held_out: dict[str, Path], seed: int) -> dict[str, dict[str, Path]
 def write_results(path: Path, rows: dict, intervals: dict[str, dict[str, Interval]], **more: dict) -> None:
     """The table's rows and differences as JSON (``results.json``), and ``more`` sections (intervals as dicts)."""
     def plain(value):
-        return asdict(value) if isinstance(value, Interval) else value
+        if isinstance(value, Interval):
+            return asdict(value)
+        raise TypeError(f"{path}: cannot write a {type(value).__name__} as JSON")
 
     sections = {"rows": rows, "differences": intervals, **more}
     path.write_text(json.dumps(sections, indent=2, default=plain))
@@ -358,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print_table(rows, intervals)
     for warning in filter(None, (stage1_warning(job_dir(demo.runs / f"{variant}_stage1")) for variant in IMAGE_MODELS)):
         print(warning, "\n")
-    from lavis_medblip.cli.demo_report import write_report  # imports this module
+    from lavis_medblip.cli.demo_report import write_report  # here: it imports this module's names
 
     report = write_report(demo.cohort, results, rows, demo.root / "report.png")
     write_results(demo.root / "results.json", rows, intervals)
