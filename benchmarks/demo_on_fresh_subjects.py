@@ -37,6 +37,7 @@ from lavis_medblip.cli.demo import (  # noqa: E402
     HELD_OUT, MODELS, Demo, difference_line, differences, ehr_regression, job_dir, paired_difference,
     print_table, table_line, table_rows, test_sets, write_results,
 )
+from lavis_medblip.tasks.metrics import Interval  # noqa: E402
 
 #: The reference readers: name → whether they read the EHR fields too.
 MEASUREMENT_READERS = {"volumes (log. regression)": False, "volumes + EHR (log. regression)": True}
@@ -46,37 +47,44 @@ REFERENCE_COMPARISONS = {"image only - volumes": ("image_only", "volumes (log. r
                          "volumes + EHR - text only": ("volumes + EHR (log. regression)", "text_only")}
 
 
-def volume_features(cohort: Path, records: Sequence[AnnotationRecord]) -> np.ndarray:
+def volume_features(annotations: Path, records: Sequence[AnnotationRecord]) -> np.ndarray:
     """Per record: log brain volume, and log hippocampus and ventricle volumes relative to it, as the simulator
-    measured them in the subject's image (``subjects.jsonl`` of ``cohort``)."""
-    subjects = (json.loads(line) for line in (cohort / "subjects.jsonl").read_text().splitlines())
+    measured them in the subject's image (``subjects.jsonl`` beside the cohort's ``annotations``)."""
+    subjects = (json.loads(line) for line in (annotations.parent / "subjects.jsonl").read_text().splitlines())
     volumes = {subject["subject_id"]: subject["volumes"] for subject in subjects}
     return np.asarray([[math.log(v["brain_mm3"]), math.log(v["hippocampus_mm3"] / v["brain_mm3"]),
                         math.log(v["ventricles_mm3"] / v["brain_mm3"])]
                        for v in (volumes[record.subject_id] for record in records)])
 
 
-def measurement_readers(train_cohort: Path, held_out_cohort: Path) -> dict[str, dict[str, dict]]:
-    """The reference readers, fitted on ``train_cohort``'s training split: name → held-out set → evaluation."""
-    def features(cohort: Path, records: list[AnnotationRecord], with_ehr: bool) -> np.ndarray:
-        return np.hstack([volume_features(cohort, records), *[ehr_features(records)] * with_ehr])
+def measurement_readers(train: Path, test_sets: dict[str, Path]) -> dict[str, dict[str, dict]]:
+    """The reference readers, fitted on ``train``: name → test set → evaluation (as :func:`ehr_regression`)."""
+    def columns(annotations: Path) -> tuple[list[AnnotationRecord], np.ndarray, np.ndarray]:
+        records = list(read_annotations(annotations))
+        return records, volume_features(annotations, records), ehr_features(records)
 
-    train = list(read_annotations(train_cohort / "train.jsonl"))
-    tests = {split: list(read_annotations(held_out_cohort / f"{split}.jsonl")) for split in HELD_OUT}
+    def features(volumes: np.ndarray, ehr: np.ndarray, with_ehr: bool) -> np.ndarray:
+        return np.hstack([volumes, ehr]) if with_ehr else volumes
+
+    train_records, *train_columns = columns(train)
+    tests = {split: columns(path) for split, path in test_sets.items()}
     readers = {}
     for name, with_ehr in MEASUREMENT_READERS.items():
-        model = logistic_regression().fit(features(train_cohort, train, with_ehr),
-                                          [CLASS_NAMES.index(record.label) for record in train])
-        readers[name] = {split: evaluation_of_probabilities(
-            records, model.predict_proba(features(held_out_cohort, records, with_ehr))) for split, records in tests.items()}
+        model = logistic_regression().fit(features(*train_columns, with_ehr),
+                                          [CLASS_NAMES.index(record.label) for record in train_records])
+        readers[name] = {split: evaluation_of_probabilities(records, model.predict_proba(features(*test, with_ehr)))
+                         for split, (records, *test) in tests.items()}
     return readers
 
 
-def print_references(readers: dict[str, dict[str, dict]], results: dict) -> dict[str, dict[str, dict]]:
-    """Print the reference readers' rows and their differences to the table's; returns the differences."""
+def reference_differences(readers: dict[str, dict[str, dict]], results: dict) -> dict[str, dict[str, Interval]]:
+    """Comparison (:data:`REFERENCE_COMPARISONS`) → held-out set → the difference in balanced accuracy."""
     evaluations = {**readers, **results}
-    compared = {name: {split: paired_difference(evaluations[row][split], evaluations[other][split])
-                       for split in HELD_OUT} for name, (row, other) in REFERENCE_COMPARISONS.items()}
+    return {name: {split: paired_difference(evaluations[row][split], evaluations[other][split]) for split in HELD_OUT}
+            for name, (row, other) in REFERENCE_COMPARISONS.items()}
+
+
+def print_references(readers: dict[str, dict[str, dict]], compared: dict[str, dict[str, Interval]]) -> None:
     print("References, not models: readers of the volumes the simulator measured in each image, fitted on the "
           "demo's training split")
     for name, per_split in readers.items():
@@ -85,7 +93,6 @@ def print_references(readers: dict[str, dict[str, dict]], results: dict) -> dict
     for name, per_split in compared.items():
         print(difference_line(name, per_split))
     print()
-    return compared
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,8 +127,9 @@ def main(argv: list[str] | None = None) -> None:
     rows, intervals = table_rows(results), differences(results)
     print(f"\nThe demo's trained models on fresh subjects (cohort seed {args.seed}, {fresh.counts})")
     print_table(rows, intervals)
-    readers = measurement_readers(demo.cohort, fresh.out_dir)
-    compared = print_references(readers, results)
+    readers = measurement_readers(demo.cohort / "train.jsonl", held_out)
+    compared = reference_differences(readers, results)
+    print_references(readers, compared)
     path = demo.root / f"fresh_subjects_seed{args.seed}.json"
     write_results(path, rows, intervals, references={
         "rows": {name: {split: e["metrics"] for split, e in per_split.items()} for name, per_split in readers.items()},
