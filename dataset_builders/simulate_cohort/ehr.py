@@ -12,6 +12,8 @@ from scipy.stats import norm
 from lavis_medblip.annotations.schema import CLASS_NAMES
 
 
+#: Per class: (mean, sd) of each number, P(male), P(each CDR value); loosely MedBLIP's Table 1 (ADNI), before
+#: ``ehr_informativeness`` pulls the classes together.
 EHR_AGE = {"NC": (74.0, 6.0), "MCI": (73.0, 8.0), "AD": (75.0, 8.0)}
 EHR_P_MALE = {"NC": 0.48, "MCI": 0.58, "AD": 0.55}
 EHR_EDUCATION = {"NC": (16.4, 2.7), "MCI": (15.9, 2.9), "AD": (15.2, 3.0)}
