@@ -145,7 +145,7 @@ def simulate_cohort(out_dir: str | Path, subjects_per_class: int = 60, seed: int
                     ehr_informativeness: float = 0.3, missing_prob: float = 0.4, atrophy_scale: float = 1.0,
                     save_labels: bool = False, workers: int = 1, force: bool = False,
                     progress: bool = True, splits: Sequence[str] = COHORT_SPLITS) -> CohortResult:
-    """Write the cohort to ``out_dir`` (see the module docstring); a matching ``cohort.json`` is a cache hit.
+    """Write the cohort to ``out_dir`` (see the package docstring); a matching ``cohort.json`` is a cache hit.
 
     ``workers`` > 1 uses that many spawned processes (each builds the template and basis once,
     a few seconds); the output does not depend on it. ``splits`` keeps only those splits' subjects (each as the

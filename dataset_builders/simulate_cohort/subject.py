@@ -59,7 +59,7 @@ def simulate_subject(spec: SubjectSpec, *, voxel_mm: float = 2.0, ehr_informativ
     shift = rng.normal(0.0, HEAD_SHIFT_SD_MM, 3)
     warp, warp_origin, warp_shape = smooth_warp_field(rng, family.warp_rms_mm, family.warp_length_mm)
 
-    # the pull-back chain, output world y -> template (see the module docstring)
+    # the pull-back chain, output world y -> template (see the package docstring)
     affine_ras, shape = site_grid(site, voxel_mm)
     index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), -1)
     world = torch.from_numpy(index @ affine_ras[:3, :3].T + affine_ras[:3, 3])
