@@ -5,14 +5,16 @@ drawn, as much as the margins the demo is judged by. This simulates new subjects
 held-out scanner site and the held-out anatomy family, each subject drawn as a cohort planned with ``--seed``
 would draw it; no training set is simulated), evaluates the demo's three trained models on them through
 ``python -m lavis_medblip.evaluate`` (calibrated on the demo's validation split, as the demo does), fits the EHR
-regression on the demo's training split, and prints the demo's table for them. Run it with a few seeds to see how
-far the demo's 75-subject rows are from what its models do on the population.
+regression on the demo's training split, and prints the demo's table for them, per seed. Then one table pools the
+demo's own held-out subjects with every seed's (each subject once; metrics and paired differences recomputed over
+all of them): with the defaults, 375 subjects per held-out set, how far the demo's 75-subject rows are from what
+its models do on the population.
 
 Under the table, two references that are not models: logistic regressions on the volumes the simulator measured in
 each subject's image (brain, hippocampus, ventricles; what a perfect segmentation reads), without and with the EHR
 fields, fitted on the demo's training split. They show how much of the margins the image could give through them.
 
-    python benchmarks/demo_on_fresh_subjects.py [--root .cache/demo] [--seed 7] [--per-class 50]
+    python benchmarks/demo_on_fresh_subjects.py [--root .cache/demo] [--seed 7 8] [--per-class 50]
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from lavis_medblip.annotations.schema import CLASS_NAMES, AnnotationRecord, read
 from lavis_medblip.baselines import ehr_features, evaluation_of_probabilities, logistic_regression  # noqa: E402
 from lavis_medblip.cli.demo import (  # noqa: E402
     HELD_OUT, MODELS, Demo, difference_line, differences, ehr_regression, job_dir, paired_difference,
-    print_table, table_line, table_rows, test_sets, write_results,
+    pooled_evaluation, print_table, read_evaluation, table_line, table_rows, test_sets, write_results,
 )
 from lavis_medblip.tasks.metrics import Interval  # noqa: E402
 
@@ -95,46 +97,80 @@ def print_references(readers: dict[str, dict[str, dict]], compared: dict[str, di
     print()
 
 
+def fresh_held_out_sets(demo: Demo, parameters: dict, seed: int, per_class: int) -> dict[str, Path]:
+    """Both held-out sets of a cohort planned with ``seed`` and the demo's other parameters, with ``per_class``
+    subjects per class; only they are simulated. Their annotation files."""
+    test_fraction = parameters["test_fraction"]
+    fresh = simulate_cohort(
+        demo.root / f"fresh_subjects_seed{seed}", round(per_class / test_fraction), seed,
+        test_fraction=test_fraction, voxel_mm=parameters["voxel_mm"], atrophy_scale=parameters["atrophy_scale"],
+        ehr_informativeness=parameters["ehr_informativeness"], missing_prob=parameters["missing_prob"],
+        workers=2, splits=tuple(HELD_OUT))
+    print(f"cohort seed {seed}: {fresh.counts}")
+    return {split: fresh.annotation_files[split] for split in HELD_OUT}
+
+
+def evaluate_models(demo: Demo, held_out: dict[str, Path], seed: int, evaluated: bool = False) -> dict:
+    """The table's evaluations on ``held_out`` (a cohort of seed ``seed``): the three trained models through the
+    evaluation task (or, ``evaluated``, as a finished run of theirs wrote them), the EHR regression refitted."""
+    results = {}
+    for variant, sets in test_sets(held_out, seed).items():
+        if evaluated:
+            results[variant] = read_evaluation(demo.runs / f"{variant}_eval", list(sets))
+        else:
+            checkpoint = job_dir(demo.runs / variant) / "checkpoint_latest.pth"
+            results[variant] = demo.evaluate(f"{variant}_fresh_seed{seed}", checkpoint, MODELS[variant], sets)
+    results["ehr_regression"] = ehr_regression(demo.cohort / "train.jsonl", held_out)
+    return results
+
+
+def pooled(per_set: dict[str, dict]) -> dict:
+    """Name → the table's evaluations on one cohort's held-out sets, as one table's over all of them."""
+    first = next(iter(per_set.values()))
+    return {row: {split: pooled_evaluation({name: results[row][split] for name, results in per_set.items()})
+                  for split in first[row]} for row in first}
+
+
+def report(title: str, results: dict, readers: dict[str, dict[str, dict]], path: Path) -> None:
+    """Print the table and the references for ``results`` and write them to ``path``."""
+    rows, intervals = table_rows(results), differences(results)
+    print(f"\n{title}")
+    print_table(rows, intervals)
+    compared = reference_differences(readers, results)
+    print_references(readers, compared)
+    write_results(path, rows, intervals, references={
+        "rows": {name: {split: e["metrics"] for split, e in per_split.items()} for name, per_split in readers.items()},
+        "differences": {split: {name: per_split[split] for name, per_split in compared.items()} for split in HELD_OUT}})
+    print(f"metrics: {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(".cache/demo"), help="a finished make demo's folder")
-    parser.add_argument("--seed", type=int, default=7, help="the fresh subjects' cohort seed (the demo's is 0)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[7, 8],
+                        help="the fresh subjects' cohort seeds (the demo's is 0); each gets its table, then one table "
+                             "pools them with the demo's own held-out subjects")
     parser.add_argument("--per-class", type=int, default=50, help="fresh subjects per class in each held-out set")
     args = parser.parse_args(argv)
     start = time.time()
     demo = Demo(args.root)
     parameters = json.loads((demo.cohort / "cohort.json").read_text())["parameters"]
-    if args.seed == parameters["seed"]:
-        parser.error(f"--seed {args.seed} is the demo cohort's: its held-out subjects are the demo's own")
+    if parameters["seed"] in args.seed:
+        parser.error(f"--seed {parameters['seed']} is the demo cohort's: its held-out subjects are the demo's own")
+    train = demo.cohort / "train.jsonl"
 
-    # a plan whose held-out sets hold --per-class subjects per class; only those are simulated
-    test_fraction = parameters["test_fraction"]
-    fresh = simulate_cohort(
-        demo.root / f"fresh_subjects_seed{args.seed}", round(args.per_class / test_fraction), args.seed,
-        test_fraction=test_fraction, voxel_mm=parameters["voxel_mm"], atrophy_scale=parameters["atrophy_scale"],
-        ehr_informativeness=parameters["ehr_informativeness"], missing_prob=parameters["missing_prob"],
-        workers=2, splits=tuple(HELD_OUT))
-    held_out = {split: fresh.annotation_files[split] for split in HELD_OUT}
-    evaluated_on = test_sets(held_out, args.seed)
-
-    results = {}
-    for variant, options in MODELS.items():
-        checkpoint = job_dir(demo.runs / variant) / "checkpoint_latest.pth"
-        results[variant] = demo.evaluate(f"{variant}_fresh_seed{args.seed}", checkpoint, options,
-                                         evaluated_on[variant])
-    results["ehr_regression"] = ehr_regression(demo.cohort / "train.jsonl", held_out)
-
-    rows, intervals = table_rows(results), differences(results)
-    print(f"\nThe demo's trained models on fresh subjects (cohort seed {args.seed}, {fresh.counts})")
-    print_table(rows, intervals)
-    readers = measurement_readers(demo.cohort / "train.jsonl", held_out)
-    compared = reference_differences(readers, results)
-    print_references(readers, compared)
-    path = demo.root / f"fresh_subjects_seed{args.seed}.json"
-    write_results(path, rows, intervals, references={
-        "rows": {name: {split: e["metrics"] for split, e in per_split.items()} for name, per_split in readers.items()},
-        "differences": {split: {name: per_split[split] for name, per_split in compared.items()} for split in HELD_OUT}})
-    print(f"metrics: {path}  ({(time.time() - start) / 60:.1f} min)")
+    the_demos = {split: demo.cohort / f"{split}.jsonl" for split in HELD_OUT}
+    results = {"demo": evaluate_models(demo, the_demos, parameters["seed"], evaluated=True)}
+    readers = {"demo": measurement_readers(train, the_demos)}
+    for seed in args.seed:
+        held_out = fresh_held_out_sets(demo, parameters, seed, args.per_class)
+        name = f"seed{seed}"
+        results[name], readers[name] = evaluate_models(demo, held_out, seed), measurement_readers(train, held_out)
+        report(f"The demo's trained models on fresh subjects (cohort seed {seed})", results[name], readers[name],
+               demo.root / f"fresh_subjects_seed{seed}.json")
+    report(f"Pooled: the demo's held-out subjects and those of cohort seeds {', '.join(map(str, args.seed))}",
+           pooled(results), pooled(readers), demo.root / "fresh_subjects_pooled.json")
+    print(f"({(time.time() - start) / 60:.1f} min)")
 
 
 if __name__ == "__main__":

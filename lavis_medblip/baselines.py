@@ -72,11 +72,12 @@ class EHRLogisticRegression:
 
 def evaluation_of_probabilities(records: Sequence[AnnotationRecord], probs: np.ndarray) -> dict:
     """Class probabilities (N, classes; :data:`CLASS_NAMES` order) of a baseline as the evaluation task writes its
-    results: ``metrics`` (with ``ece``) and ``predictions``, per record its instance id, label and predicted class."""
+    results: ``metrics`` (with ``ece``) and ``predictions``, per record its instance id, label, predicted class and
+    probabilities."""
     labels = [CLASS_NAMES.index(record.label) for record in records]
     predictions = probs.argmax(axis=1).tolist()
     metrics = classification_metrics(labels, predictions, CLASS_NAMES, scores=probs)
     metrics["ece"] = expected_calibration_error(probs, labels)
     return {"metrics": metrics, "predictions": [
-        {"instance_id": record.instance_id, "label": label, "prediction": prediction}
-        for record, label, prediction in zip(records, labels, predictions)]}
+        {"instance_id": record.instance_id, "label": label, "prediction": prediction, "probs": row.tolist()}
+        for record, label, prediction, row in zip(records, labels, predictions, probs)]}

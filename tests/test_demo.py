@@ -89,6 +89,21 @@ def test_each_comparison_under_the_table_is_a_paired_difference_with_its_interva
     assert np.isfinite(demo.differences(results)["test"]["image + text - better of text, image only"].estimate)
 
 
+def test_held_out_sets_pool_into_one_evaluation_with_each_subject_once():
+    rng = np.random.default_rng(0)
+    records = [AnnotationRecord(image="x.nii.gz", subject_id=f"s{i}", label=("NC", "MCI", "AD")[i % 3], split="test",
+                                ehr={"mmse": int(29 - 3 * (i % 3) + rng.integers(-2, 3))}) for i in range(90)]
+    model = EHRLogisticRegression().fit(records[:60])
+    the_demos, fresh = model.evaluation(records[60:75]), model.evaluation(records[75:])
+    fresh["predictions"] = [dict(row, instance_id=f"s{i}") for i, row in enumerate(fresh["predictions"])]
+
+    pooled = demo.pooled_evaluation({"demo": the_demos, "seed7": fresh})
+
+    assert pooled["metrics"] == model.evaluate(records[60:])  # as if evaluated on all of them at once
+    ids = [row["instance_id"] for row in pooled["predictions"]]
+    assert len(set(ids)) == 30 and ids[0] == "demo/s60" and ids[15] == "seed7/s0"  # two cohorts' "s0" apart
+    assert demo.pooled_evaluation({"demo": the_demos})["metrics"] == the_demos["metrics"]
+
 def test_a_lane_prefixes_its_lines_and_its_threads_sleep_when_idle(tmp_path, capsys):
     lane = demo.Demo(tmp_path).lane("text_only+image_only")
     lane.run([sys.executable, "-c", "import os; print('wait policy', os.environ['OMP_WAIT_POLICY'])"])

@@ -40,8 +40,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from lavis_medblip.annotations.schema import read_annotations, write_annotations
-from lavis_medblip.tasks.metrics import Interval, balanced_accuracy_difference
+from lavis_medblip.annotations.schema import CLASS_NAMES, read_annotations, write_annotations
+from lavis_medblip.tasks.metrics import (
+    Interval, balanced_accuracy_difference, classification_metrics, expected_calibration_error,
+)
 
 PROJECT_DIR = Path("projects/medblip")
 HELD_OUT = {"test": "held-out scanner site", "test_anatomy": "held-out anatomy"}
@@ -267,6 +269,20 @@ def paired_difference(evaluation: dict, other: dict) -> Interval:
                                         [other_predicted[subject][1] for subject in subjects])
 
 
+
+def pooled_evaluation(evaluations: dict[str, dict]) -> dict:
+    """Evaluations of one model on several sets as one (as the evaluation task writes them: ``metrics``,
+    ``predictions``), keyed by a name per set: each subject's id prefixed with its set's name (two cohorts
+    number their subjects alike), the metrics recomputed as the task computes them (AUROC from the scores; a
+    baseline's scores are its probabilities; ECE from the probabilities)."""
+    rows = [dict(row, instance_id=f"{name}/{row['instance_id']}")
+            for name, evaluation in evaluations.items() for row in evaluation["predictions"]]
+    labels = [row["label"] for row in rows]
+    metrics = classification_metrics(labels, [row["prediction"] for row in rows], CLASS_NAMES,
+                                      scores=[row.get("scores", row["probs"]) for row in rows])
+    metrics["ece"] = expected_calibration_error([row["probs"] for row in rows], labels)
+    return {"metrics": metrics, "predictions": rows}
+
 def differences(results: dict) -> dict[str, dict[str, Interval]]:
     """Held-out set → comparison (:data:`COMPARISONS`) → the difference in balanced accuracy, with its interval."""
     table = {}
@@ -366,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_results(demo.root / "results.json", rows, intervals)
     print("minutes: " + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()))
     print(f"report: {report}  metrics: {demo.root / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
-    print("the same models on more held-out subjects: python benchmarks/demo_on_fresh_subjects.py --seed 7")
+    print("the same models on 300 more held-out subjects per set: python benchmarks/demo_on_fresh_subjects.py")
 
 
 if __name__ == "__main__":
