@@ -104,6 +104,7 @@ def test_held_out_sets_pool_into_one_evaluation_with_each_subject_once():
     assert len(set(ids)) == 30 and ids[0] == "demo/s60" and ids[15] == "seed7/s0"  # two cohorts' "s0" apart
     assert demo.pooled_evaluation({"demo": the_demos})["metrics"] == the_demos["metrics"]
 
+
 def test_a_lane_prefixes_its_lines_and_its_threads_sleep_when_idle(tmp_path, capsys):
     lane = demo.Demo(tmp_path).lane("text_only+image_only")
     lane.run([sys.executable, "-c", "import os; print('wait policy', os.environ['OMP_WAIT_POLICY'])"])

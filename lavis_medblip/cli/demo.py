@@ -158,6 +158,7 @@ class Demo:
             run = self.train(variant, [*options, *epochs])
         return run, self.evaluate(f"{variant}_eval", run / "checkpoint_latest.pth", options, test_sets)
 
+
 class VolumeCache:
     """The demo's volume cache, warmed once by whichever lane needs it first; the other lane waits for it (and
     gets its error, if warming failed, rather than warming again)."""
@@ -269,7 +270,6 @@ def paired_difference(evaluation: dict, other: dict) -> Interval:
                                         [other_predicted[subject][1] for subject in subjects])
 
 
-
 def pooled_evaluation(evaluations: dict[str, dict]) -> dict:
     """Evaluations of one model on several sets as one (as the evaluation task writes them: ``metrics``,
     ``predictions``), keyed by a name per set: each subject's id prefixed with its set's name (two cohorts
@@ -282,6 +282,7 @@ def pooled_evaluation(evaluations: dict[str, dict]) -> dict:
                                       scores=[row.get("scores", row["probs"]) for row in rows])
     metrics["ece"] = expected_calibration_error([row["probs"] for row in rows], labels)
     return {"metrics": metrics, "predictions": rows}
+
 
 def differences(results: dict) -> dict[str, dict[str, Interval]]:
     """Held-out set → comparison (:data:`COMPARISONS`) → the difference in balanced accuracy, with its interval."""
