@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from lavis_medblip.models import MedBLIP
 from lavis_medblip.models.config import MedBLIPConfig, load_model_config
-from lavis_medblip.processors.augment import RandomAffine3D
+from lavis_medblip.processors.augment import RandomAffine3D, RandomElasticDeformation
 
 PAPER_MODEL_TYPES = ["biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora"]
 PROJECTS = Path(__file__).resolve().parent.parent / "projects" / "medblip"
@@ -39,6 +39,8 @@ def test_tiny_and_demo_keep_their_behaviour():
     assert demo.freeze_vit is False  # the demo's whole ViT trains, CLS token included, whatever the switch says
     affine = train_processor("demo").augmentations[0]
     assert isinstance(affine, RandomAffine3D) and affine.degrees <= 2  # gentle: keeps the demo's registration
+    warp = train_processor("demo").augmentations[1]
+    assert isinstance(warp, RandomElasticDeformation) and warp.voxels == 1.0  # 4 mm, as healthy brains differ
 
 
 def test_frozen_cls_token_gets_no_gradient_while_the_stem_does(tiny_config, samples):

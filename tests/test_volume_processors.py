@@ -20,6 +20,7 @@ from lavis_medblip.assets import CEREBRA_LABELS, ICBM_BRAIN_MASK, ICBM_T1
 import lavis_medblip.processors  # noqa: F401  (registers the processors)
 from lavis.common.registry import registry
 from lavis.processors.base_processor import BaseProcessor
+from lavis_medblip.processors.augment import RandomElasticDeformation, build_augmentation
 from lavis_medblip.processors.readers import load_volume
 from lavis_medblip.processors.volume_types import (
     ConstantVolumeWarning,
@@ -633,6 +634,23 @@ def test_train_augmentation_changes_output_and_eval_is_deterministic():
 def test_train_processor_without_augmentation_equals_eval():
     train_processor = MriVolumeTrainProcessor.from_config({"image_size": SIZE, "augment": None})
     assert torch.equal(train_processor(ICBM_T1), MriVolumeEvalProcessor(image_size=SIZE)(ICBM_T1))
+
+
+def test_elastic_deformation_moves_voxels_by_the_requested_rms_and_is_off_by_default():
+    # Three channels holding each voxel's coordinates: one warp of them reads its displacement at every voxel.
+    size = 32
+    coordinates = torch.stack(torch.meshgrid(*[torch.arange(size, dtype=torch.float32)] * 3, indexing="ij"))
+    torch.manual_seed(0)
+    warped = RandomElasticDeformation(voxels=1.5, control_points=4, probability=1.0)(coordinates)
+    inner = (slice(None), *(slice(4, -4),) * 3)  # away from the zero-filled border
+    displacement = (warped - coordinates)[inner]
+    assert 1.2 < float(displacement.pow(2).sum(0).mean().sqrt()) < 1.8  # 1.5 voxels RMS
+    assert float(displacement.abs().max()) < 8  # smooth: no voxel travels far
+
+    state = torch.get_rng_state()
+    off = build_augmentation({"probability": 1.0})[1]  # DEFAULT_AUGMENT: elastic_voxels 0
+    assert isinstance(off, RandomElasticDeformation) and off(coordinates) is coordinates
+    assert torch.equal(torch.get_rng_state(), state)  # no draw: other augmentations' draws stay as they were
 
 
 # --------------------------------------------------------------------------- multi-site harmonisation

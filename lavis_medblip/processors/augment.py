@@ -35,6 +35,28 @@ class RandomAffine3D:
         return F.grid_sample(volume[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
 
 
+class RandomElasticDeformation:
+    """Smooth random warp, as healthy brains differ from each other after affine registration: Gaussian noise on
+    a ``control_points``³ grid, upsampled trilinearly and scaled to an RMS displacement of ``voxels``; trilinear,
+    zero fill."""
+
+    def __init__(self, voxels: float = 0.0, control_points: int = 5, probability: float = 0.5) -> None:
+        self.voxels, self.control_points, self.probability = float(voxels), int(control_points), float(probability)
+
+    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
+        if self.voxels <= 0 or torch.rand(()) >= self.probability:
+            return volume
+        size = tuple(volume.shape[1:])
+        coarse = torch.randn(1, 3, *(self.control_points,) * 3)
+        field = F.interpolate(coarse, size=size, mode="trilinear", align_corners=True)[0].movedim(0, -1)
+        field = field * (self.voxels / field.pow(2).sum(-1).mean().sqrt())
+        # grid_sample reads (x, y, z) = (last, middle, first) tensor axis, in [-1, 1] units of each axis
+        field = field * (2.0 / torch.tensor(size[::-1], dtype=field.dtype))
+        identity = F.affine_grid(torch.eye(3, 4)[None], [1, *volume.shape], align_corners=False)
+        return F.grid_sample(volume[None], identity + field, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)[0]
+
+
 class RandomIntensityJitter:
     """Random gamma and contrast: x -> (x ** gamma) * c, with log-gamma and c - 1 within +-strength."""
 
@@ -78,6 +100,8 @@ class RandomGaussianNoise:
 DEFAULT_AUGMENT = {
     "affine_degrees": 5.0,
     "affine_scale": 0.05,
+    "elastic_voxels": 0.0,  # RMS displacement of a smooth random warp; 0: off
+    "elastic_control_points": 5,  # per axis: the warp's smoothness
     "intensity_jitter": 0.1,
     "bias_field": 0.2,
     "noise_std": 0.01,
@@ -94,6 +118,7 @@ def build_augmentation(options: Optional[Mapping[str, Any]]) -> list[Callable[[t
     p = float(opts["probability"])
     return [
         RandomAffine3D(opts["affine_degrees"], opts["affine_scale"], p),
+        RandomElasticDeformation(opts["elastic_voxels"], opts["elastic_control_points"], p),
         RandomBiasField(opts["bias_field"], p),
         RandomIntensityJitter(opts["intensity_jitter"], p),
         RandomGaussianNoise(opts["noise_std"], p),
