@@ -9,9 +9,11 @@ import yaml
 from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
+from lavis_medblip.cli.demo import LM_FREE_STAGE
 from lavis_medblip.models import MedBLIP
 from lavis_medblip.models.config import MedBLIPConfig, load_model_config
 from lavis_medblip.processors.augment import RandomAffine3D, RandomElasticDeformation
+from lavis_medblip.runners.runner import scaled_param_groups
 
 PAPER_MODEL_TYPES = ["biomedlm", "biomedlm_lora", "biogpt", "biogpt_lora", "flant5xl", "flant5xl_lora"]
 PROJECTS = Path(__file__).resolve().parent.parent / "projects" / "medblip"
@@ -41,6 +43,23 @@ def test_tiny_and_demo_keep_their_behaviour():
     assert isinstance(affine, RandomAffine3D) and affine.degrees <= 2  # gentle: keeps the demo's registration
     warp = train_processor("demo").augmentations[1]
     assert isinstance(warp, RandomElasticDeformation) and warp.voxels == 1.0  # 4 mm, as healthy brains differ
+
+
+
+def test_demo_image_path_learns_at_the_full_lr_in_stage_1_and_a_tenth_of_it_in_stage_2(tiny_config):
+    model = MedBLIP.from_config(tiny_config)  # the demo model's parameter names
+    stage_2 = OmegaConf.load(PROJECTS / "demo_pretrain.yaml").run
+    stage_1 = OmegaConf.merge(stage_2, OmegaConf.from_dotlist(LM_FREE_STAGE).run)
+
+    def lr_scales(run) -> dict[str, float]:
+        groups = scaled_param_groups(model, run.weight_decay, run.lr_scales)
+        scale_of = {id(p): group["lr_scale"] for group in groups for p in group["params"]}
+        return {name: scale_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+
+    assert set(lr_scales(stage_1).values()) == {1.0}
+    stage_2_scales = lr_scales(stage_2)
+    assert {stage_2_scales[name] for name in stage_2_scales if name.startswith(("visual_encoder.", "ln_vision."))} == {0.1}
+    assert {stage_2_scales[name] for name in stage_2_scales if name.startswith(("Qformer.", "llm_proj."))} == {1.0}
 
 
 def test_frozen_cls_token_gets_no_gradient_while_the_stem_does(tiny_config, samples):

@@ -53,8 +53,9 @@ TEXT_ONLY = ["model.prompt_order=[text,question]", *BLANK_IMAGE]
 IMAGE_ONLY = ["model.loss.lambda_itc_text=0",
               *[f"datasets.brain_mri.text_processor.{split}.name=medblip_text_blank" for split in ("train", "eval")]]
 #: Stage 1 of the image models on top of demo_pretrain.yaml: no LM forward, only the ITC losses (cheap steps). With
-#: the warp augmentation its ITC leaves chance around epoch 9 (README, demo): 16 epochs.
-LM_FREE_STAGE = ["model.loss.lambda_lm=0", "run.max_epoch=16"]
+#: the warp augmentation its ITC leaves chance around epoch 9 (README, demo): 16 epochs. The image path starts random
+#: here, so it learns at the full lr (the yaml's lr_scales are stage 2's).
+LM_FREE_STAGE = ["model.loss.lambda_lm=0", "run.max_epoch=16", "run.lr_scales=null"]
 #: Stage 1 has learned when the epoch mean of its image-Q&A ITC fell at least this much from its first epoch to its
 #: last: 0.21-0.52 in the runs measured, 0.002 in one that never left chance (README, Limitations).
 STAGE1_MIN_DROP = 0.05
