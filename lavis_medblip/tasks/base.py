@@ -31,6 +31,13 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def scheduled_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The lr the schedule sets: the first group's, without its ``run.lr_scales`` multiplier (the groups are sorted
+    by scale, so the first may be a scaled part), so that logs and curves show the configured schedule."""
+    group = optimizer.param_groups[0]
+    return group["lr"] / group.get("lr_scale", 1.0)
+
+
 def write_scalars(writer: Any, prefix: str, stats: dict, step: int) -> None:
     """The top-level numbers of ``stats`` (not flags, not nested tables) as ``<prefix>/<key>`` at ``step``.
 
@@ -161,7 +168,7 @@ class MedBLIPTask(BaseTask):
                 else:
                     optimizer.step()
                 optimizer.zero_grad()
-            metric_logger.update(lr=optimizer.param_groups[0]["lr"])
+            metric_logger.update(lr=scheduled_lr(optimizer))
             if output is not None:
                 values = {term: output[term].detach().item() for term in self.loss_terms if output.get(term) is not None}
                 for term in values:  # added on first use: an empty meter cannot be printed (all samples skipped)
@@ -172,7 +179,7 @@ class MedBLIPTask(BaseTask):
                     totals[term] += value
                     reported[term] += 1
                 steps += 1
-                step_log.write({"epoch": epoch, "step": i, "lr": optimizer.param_groups[0]["lr"], **values})
+                step_log.write({"epoch": epoch, "step": i, "lr": scheduled_lr(optimizer), **values})
 
         step_log.close()
         summed = all_reduce_sum([*totals.values(), *reported.values(), steps, skipped, degenerate], device)
@@ -180,7 +187,7 @@ class MedBLIPTask(BaseTask):
         term_steps = summed[len(totals):2 * len(totals)]
         stats = {term: round(total / max(count, 1), 4) for term, total, count in zip(self.loss_terms, summed, term_steps)}
         counts = self.skip_counts(self.train_splits, skipped, degenerate)
-        stats.update(lr=optimizer.param_groups[0]["lr"], iters_per_epoch=iters_per_epoch, num_steps=steps,
+        stats.update(lr=scheduled_lr(optimizer), iters_per_epoch=iters_per_epoch, num_steps=steps,
                      **counts, world_size=get_world_size())
         logger.info("Averaged stats (all ranks): %s", stats)
         if counts["num_skipped"] or degenerate:
