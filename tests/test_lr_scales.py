@@ -53,13 +53,14 @@ def test_scheduled_lr_is_multiplied_per_group_at_every_step():
     assert scheduler.max_epoch == 4  # everything else is the wrapped scheduler's
 
 
-def test_the_logged_lr_is_the_schedules_when_the_first_group_is_scaled_down():
+@pytest.mark.parametrize("scale", [0.1, 0.0])  # 0: a part held still
+def test_the_logged_lr_is_the_schedules_when_the_first_group_is_scaled_down(scale):
     model = TwoParts()
-    optimizer = torch.optim.AdamW(scaled_param_groups(model, 0.05, {"pretrained.*": 0.1}), lr=1e-4)
+    optimizer = torch.optim.AdamW(scaled_param_groups(model, 0.05, {"pretrained.*": scale}), lr=1e-4)
     lavis_scheduler = LinearWarmupCosineLRScheduler(
         optimizer=optimizer, max_epoch=4, min_lr=1e-6, init_lr=1e-4, warmup_steps=10, warmup_start_lr=1e-6
     )
     ScaledLRScheduler(lavis_scheduler, optimizer).step(cur_epoch=1, cur_step=0)
     unscaled = next(group["lr"] for group in optimizer.param_groups if group["lr_scale"] == 1.0)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * unscaled)  # the pretrained part, first by scale
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(scale * unscaled)  # the pretrained part, first by scale
     assert scheduled_lr(optimizer) == pytest.approx(unscaled)  # what the log and the loss curves show

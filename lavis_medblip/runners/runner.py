@@ -102,7 +102,8 @@ def scaled_param_groups(model: torch.nn.Module, weight_decay: float, lr_scales: 
 
 
 class ScaledLRScheduler:
-    """Wraps a LAVIS scheduler: after it sets the lr of every group, multiply by each group's ``lr_scale``."""
+    """Wraps a LAVIS scheduler: after it sets the lr of every group, multiply by each group's ``lr_scale``. The lr
+    it set stays in ``group["scheduled_lr"]``, for the logs (a scale may be 0)."""
 
     def __init__(self, scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
         self.scheduler, self.optimizer = scheduler, optimizer
@@ -110,6 +111,7 @@ class ScaledLRScheduler:
     def step(self, cur_epoch: int, cur_step: int) -> None:
         self.scheduler.step(cur_epoch=cur_epoch, cur_step=cur_step)
         for group in self.optimizer.param_groups:
+            group["scheduled_lr"] = group["lr"]
             group["lr"] *= group.get("lr_scale", 1.0)
 
     def __getattr__(self, name: str) -> Any:

@@ -32,10 +32,10 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 
 
 def scheduled_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The lr the schedule sets: the first group's, without its ``run.lr_scales`` multiplier (the groups are sorted
-    by scale, so the first may be a scaled part), so that logs and curves show the configured schedule."""
+    """The lr the schedule sets, before the runner's ``run.lr_scales`` multipliers (the groups are sorted by scale, so
+    the first group's own lr may be a scaled part's), so that logs and curves show the configured schedule."""
     group = optimizer.param_groups[0]
-    return group["lr"] / group.get("lr_scale", 1.0)
+    return group.get("scheduled_lr", group["lr"])
 
 
 def write_scalars(writer: Any, prefix: str, stats: dict, step: int) -> None:
