@@ -21,10 +21,15 @@ Why: a small LM (SmolLM2) reads "MMSE 24" as the digits "2", "4", each value its
 fine-tuned on a few hundred subjects it does not learn what the values mean; a stage name is shared by every
 subject in its range, and "N points below the maximum" orders the scores inside a range in small, frequent
 numbers (README, Limitations).
+
+EHR text written by others ("MMSE: 24", "the Mini-Mental State Examination score was 24 out of 30", "global CDR
+0.5") gets the same notes from :func:`add_score_stages` (the ``medblip_text`` processor's ``score_stages``), so a
+model trained on these sentences reads other phrasings' scores too; the sentences above it leaves as they are.
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Mapping
 
 #: The paper's question (eq. 2); the prompt ends with it, the answer follows.
@@ -69,15 +74,22 @@ def mmse_stage(value: Any) -> str | None:
     return next(stage for lower, stage in MMSE_STAGES if score >= lower)
 
 
+def mmse_note(value: Any) -> str | None:
+    """``"6 points below the maximum, mild dementia range"``, ``"the maximum, no dementia range"``; ``None`` outside
+    0–30."""
+    stage = mmse_stage(value)
+    if stage is None:
+        return None
+    below = MMSE_MAX - float(value)
+    distance = "the maximum" if below == 0 else f"{_number(below)} point{'' if below == 1 else 's'} below the maximum"
+    return f"{distance}, {stage} range"
+
+
 def describe_mmse(value: Any) -> str:
     """``"MMSE 24/30 (6 points below the maximum, mild dementia range)"``, ``"MMSE 30/30 (the maximum, no dementia
     range)"``; a score outside 0–30 as it is (``"MMSE 88"``)."""
-    stage = mmse_stage(value)
-    if stage is None:
-        return f"MMSE {_number(value)}"
-    below = MMSE_MAX - float(value)
-    distance = "the maximum" if below == 0 else f"{_number(below)} point{'' if below == 1 else 's'} below the maximum"
-    return f"MMSE {_number(value)}/{MMSE_MAX} ({distance}, {stage} range)"
+    note = mmse_note(value)
+    return f"MMSE {_number(value)}" if note is None else f"MMSE {_number(value)}/{MMSE_MAX} ({note})"
 
 
 def describe_cdr(value: Any) -> str:
@@ -117,3 +129,35 @@ def describe_ehr(ehr: Mapping[str, Any]) -> str:
     if scores:
         text += " " + ", ".join(scores) + "."
     return text
+
+
+# ---- scores in others' EHR text -------------------------------------------------------------------------------
+# A score's name, then only separators and linking words, then its value: "MMSE: 24", "MMSE score of 24/30", "the
+# Mini-Mental State Examination score was 24 out of 30", "global CDR 0.5", "CDR-global: 1". Anything else between
+# name and number (another field, a comma) leaves the value alone, and so does a parenthesis after it (this
+# module's sentences, or the writer's own note). "CDR-SB" / "CDR sum of boxes" is another score.
+_LINK = r"(?:[\s:=-]|\b(?:score|total|result|global|was|is|of|at\s+(?:baseline|screening))\b)*"
+_VALUE = r"(?<![-+])(?P<value>\d+(?:\.\d+)?)"  # not a negative value
+_MMSE_IN_TEXT = re.compile(
+    r"\b(?:Mini[- ]?Mental State Exam(?:ination)?\b(?:\s*\(MMSE\))?|MMSE\b)" + _LINK + _VALUE
+    + r"(?:\s*/\s*30|\s+(?:out\s+)?of\s+30)?(?!\s*(?:\(|/|(?:out\s+)?of\s+\d)|\d|\.\d)", re.IGNORECASE)
+_CDR_IN_TEXT = re.compile(
+    r"\b(?:CDR\b|Clinical Dementia Rating\b(?:\s*\(CDR\))?)(?![\s-]*(?:SB|sum))" + _LINK + _VALUE
+    + r"(?!\s*\(|\d|\.\d)", re.IGNORECASE)
+
+
+def add_score_stages(text: str) -> str:
+    """Each MMSE and global CDR value in ``text`` followed by the note :func:`describe_ehr` writes for it, e.g.
+    ``"Age: 74; MMSE: 24; CDR: 0.5."`` → ``"Age: 74; MMSE: 24 (6 points below the maximum, mild dementia range);
+    CDR: 0.5 (very mild dementia)."``. Values without a stage, and :func:`describe_ehr`'s sentences, stay as they
+    are."""
+
+    def with_mmse_note(match: re.Match) -> str:
+        note = mmse_note(match["value"])
+        return match[0] if note is None else f"{match[0]} ({note})"
+
+    def with_cdr_stage(match: re.Match) -> str:
+        stage = CDR_STAGES.get(float(match["value"]))
+        return match[0] if stage is None else f"{match[0]} ({stage})"
+
+    return _CDR_IN_TEXT.sub(with_cdr_stage, _MMSE_IN_TEXT.sub(with_mmse_note, text))
