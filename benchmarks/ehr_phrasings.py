@@ -2,14 +2,16 @@
 
 The demo's cohort writes every EHR with ``describe_ehr``; a user, or anyone checking the model, writes their own.
 This writes the held-out subjects' EHR fields in phrasings made for this benchmark alone, never used in training (a
-terse note, a key-value list, narrative sentences), and evaluates the demo's text-only and image + text models on
-them (checkpoints of a finished ``make demo``, calibrated on its validation split, as the demo does) with the
-``medblip_text`` processor's ``score_stages`` on (the default: each MMSE / CDR value gets the stage words the
-builders write) and off. The EHR regression reads the fields, not the text, so its row is the same for every
-phrasing. The held-out sets are the demo's and, when ``benchmarks/demo_on_fresh_subjects.py`` has simulated them,
-the fresh subjects' (pooled: 375 per set with its defaults).
+terse note, a key-value list, narrative sentences) and in four written from the field list alone by someone who had
+not seen what the stage notes recognise (a clinic letter, a registry export, a progress note, a visit summary). It
+evaluates the demo's text-only and image + text models on them (checkpoints of a finished ``make demo``, calibrated
+on its validation split, as the demo does) with the ``medblip_text`` processor's ``score_stages`` on (the default:
+each MMSE / CDR value gets the stage words the builders write) and off. The EHR regression reads the fields, not
+the text, so its row is the same for every phrasing. The held-out sets are the demo's and, when
+``benchmarks/demo_on_fresh_subjects.py`` has simulated them, the fresh subjects' (pooled: 375 per set with its
+defaults).
 
-    python benchmarks/ehr_phrasings.py [--root .cache/demo]
+    python benchmarks/ehr_phrasings.py [--root .cache/demo] [--phrasings own independent]
 """
 from __future__ import annotations
 
@@ -62,10 +64,70 @@ def narrative(ehr: dict[str, Any]) -> str:
     return text + (" On testing, " + " and ".join(tests) + "." if tests else "")
 
 
-#: name → how it writes a record's EHR fields; ``None``: the text the cohort builders wrote.
-PHRASINGS: dict[str, Callable[[dict[str, Any]], str] | None] = {
-    "the builders' sentence": None, "terse note": terse_note, "key-value list": key_value_list,
-    "narrative": narrative}
+# Four more, written from the field list alone by someone who had not seen ``add_score_stages`` (2026-12-07).
+def _cdr(ehr: dict[str, Any]) -> str:
+    return _value(float(ehr["cdr_global"]))
+
+
+def clinic_letter(ehr: dict[str, Any]) -> str:
+    """``"I saw this 72.1-year-old woman with 16 years of formal education in the memory clinic today. She scored 24
+    on the MMSE, and her global Clinical Dementia Rating was 0.5."``"""
+    sex = {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+    noun, pronoun, possessive = {"F": ("woman", "She", "her"), "M": ("man", "He", "his")}.get(
+        sex, ("patient", "The patient", "the"))
+    who = f"this {float(ehr['age']):.1f}-year-old {noun}" if ehr.get("age") is not None else f"this {noun}"
+    years = ehr.get("education_years")
+    education = "" if years is None else f" with {years} year{'' if years == 1 else 's'} of formal education"
+    text = f"I saw {who}{education} in the memory clinic today."
+    mmse, cdr = ehr.get("mmse"), ehr.get("cdr_global")
+    rating = f"Clinical Dementia Rating was {_cdr(ehr)}" if cdr is not None else ""
+    if mmse is not None and cdr is not None:
+        return f"{text} {pronoun} scored {mmse} on the MMSE, and {possessive} global {rating}."
+    if mmse is not None:
+        return f"{text} {pronoun} scored {mmse} on the MMSE."
+    return text + (f" {possessive.capitalize()} global {rating}." if cdr is not None else "")
+
+
+def registry_export(ehr: dict[str, Any]) -> str:
+    """``"AGE_YRS=72.1 | SEX=F | EDUC_YRS=16 | MMSE_TOTAL=24 | CDR_GLOBAL=0.5"``"""
+    sex = {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+    fields = [f"AGE_YRS={float(ehr['age']):.1f}" if ehr.get("age") is not None else "", f"SEX={sex}" if sex else "",
+              f"EDUC_YRS={ehr['education_years']}" if ehr.get("education_years") is not None else "",
+              f"MMSE_TOTAL={ehr['mmse']}" if ehr.get("mmse") is not None else "",
+              f"CDR_GLOBAL={_cdr(ehr)}" if ehr.get("cdr_global") is not None else ""]
+    return " | ".join(field for field in fields if field) or "NO_FIELDS_RECORDED"
+
+
+def progress_note(ehr: dict[str, Any]) -> str:
+    """``"Pt 72.1yo F, edu 16y. MMSE 24/30, CDR-GS=0.5."``"""
+    sex = {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+    patient = "Pt" + (f" {float(ehr['age']):.1f}yo" if ehr.get("age") is not None else "") + (f" {sex}" if sex else "")
+    patient += f", edu {ehr['education_years']}y" if ehr.get("education_years") is not None else ""
+    scores = ([f"MMSE {ehr['mmse']}/30"] if ehr.get("mmse") is not None else []) + (
+        [f"CDR-GS={_cdr(ehr)}"] if ehr.get("cdr_global") is not None else [])
+    return ("Pt seen" if patient == "Pt" else patient) + "." + (" " + ", ".join(scores) + "." if scores else "")
+
+
+def visit_summary(ehr: dict[str, Any]) -> str:
+    """``"Visit summary: age 72.1 years; female; education 16 years; Mini-Mental State Examination: 24 points;
+    Clinical Dementia Rating (global): 0.5."``"""
+    def counted(number: int, word: str) -> str:
+        return f"{number} {word}" + ("" if number == 1 else "s")
+
+    items = [f"age {float(ehr['age']):.1f} years" if ehr.get("age") is not None else "", sex_of(ehr.get("sex")) or "",
+             f"education {counted(ehr['education_years'], 'year')}" if ehr.get("education_years") is not None else "",
+             f"Mini-Mental State Examination: {counted(ehr['mmse'], 'point')}" if ehr.get("mmse") is not None else "",
+             f"Clinical Dementia Rating (global): {_cdr(ehr)}" if ehr.get("cdr_global") is not None else ""]
+    items = [item for item in items if item]
+    return "Visit summary: " + "; ".join(items) + "." if items else "Visit summary: no values recorded."
+
+
+#: ``--phrasings`` → name → how it writes a record's EHR fields. ``independent``: written without knowing what
+#: ``add_score_stages`` recognises, the fairer test of it.
+PHRASINGS: dict[str, dict[str, Callable[[dict[str, Any]], str]]] = {
+    "own": {"terse note": terse_note, "key-value list": key_value_list, "narrative": narrative},
+    "independent": {"clinic letter": clinic_letter, "registry export": registry_export,
+                    "progress note": progress_note, "visit summary": visit_summary}}
 #: The models that read the text, and their rows' names.
 TEXT_READERS = {"text_only": "text only (LM)", "image_text": "image + text"}
 
@@ -108,13 +170,18 @@ def pooled_balanced_accuracy(evaluations: dict[str, dict]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(".cache/demo"), help="a finished make demo's folder")
+    parser.add_argument("--phrasings", nargs="+", choices=list(PHRASINGS), default=list(PHRASINGS),
+                        help="which phrasings, beside the builders' sentence")
     args = parser.parse_args(argv)
     start = time.time()
     demo = Demo(args.root)
     sets = held_out_sets(demo)
     first = next(read_annotations(sets["test"]))
     results: dict[tuple[str, str], dict[str, dict[str, float]]] = {}
-    for phrasing, write in PHRASINGS.items():
+    phrasings = {"the builders' sentence": None}
+    for group in args.phrasings:
+        phrasings.update(PHRASINGS[group])
+    for phrasing, write in phrasings.items():
         print(f"{phrasing}: {first.text if write is None else write(first.ehr)}")
         slug = phrasing.replace(" ", "_").replace("'", "")
         copies = rephrased(sets, write, demo.root / "ehr_phrasings" / slug)
