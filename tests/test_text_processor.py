@@ -73,3 +73,5 @@ def test_empty_and_invalid_input():
         processor(float("nan"))  # a missing value from a pandas column
     with pytest.raises(ValueError, match="max_words"):
         MedBlipTextProcessor(max_words=0)
+    with pytest.raises(TypeError, match="score_stages must be true or false"):
+        MedBlipTextProcessor(score_stages="false")

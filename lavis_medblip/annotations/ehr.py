@@ -23,8 +23,9 @@ subject in its range, and "N points below the maximum" orders the scores inside 
 numbers (README, Limitations).
 
 EHR text written by others ("MMSE: 24", "the Mini-Mental State Examination score was 24 out of 30", "global CDR
-0.5") gets the same notes from :func:`add_score_stages` (the ``medblip_text`` processor's ``score_stages``), so a
-model trained on these sentences reads other phrasings' scores too; the sentences above it leaves as they are.
+0.5") gets the same notes from :func:`add_score_stages` (the ``medblip_text`` processor's ``score_stages``), so the
+stage words a model trained on these sentences reads are there too; the sentences above it leaves as they are. How
+far that carries a model to text in other words (not far for the demo's LM): README, Limitations.
 """
 from __future__ import annotations
 

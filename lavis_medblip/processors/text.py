@@ -30,7 +30,9 @@ class MedBlipTextProcessor(BaseProcessor):
         if max_words is not None and int(max_words) < 1:
             raise ValueError(f"max_words must be a positive integer or None, got {max_words!r}")
         self.max_words = None if max_words is None else int(max_words)
-        self.score_stages = bool(score_stages)
+        if not isinstance(score_stages, bool):  # the string "false" would be truthy
+            raise TypeError(f"score_stages must be true or false, got {score_stages!r}")
+        self.score_stages = score_stages
 
     def __call__(self, text: str) -> str:
         if not isinstance(text, str):
