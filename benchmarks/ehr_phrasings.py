@@ -65,6 +65,10 @@ def narrative(ehr: dict[str, Any]) -> str:
 
 
 # Four more, written from the field list alone by someone who had not seen ``add_score_stages`` (2026-12-07).
+def _sex_letter(ehr: dict[str, Any]) -> str | None:
+    return {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+
+
 def _cdr(ehr: dict[str, Any]) -> str:
     return _value(float(ehr["cdr_global"]))
 
@@ -72,7 +76,7 @@ def _cdr(ehr: dict[str, Any]) -> str:
 def clinic_letter(ehr: dict[str, Any]) -> str:
     """``"I saw this 72.1-year-old woman with 16 years of formal education in the memory clinic today. She scored 24
     on the MMSE, and her global Clinical Dementia Rating was 0.5."``"""
-    sex = {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+    sex = _sex_letter(ehr)
     noun, pronoun, possessive = {"F": ("woman", "She", "her"), "M": ("man", "He", "his")}.get(
         sex, ("patient", "The patient", "the"))
     who = f"this {float(ehr['age']):.1f}-year-old {noun}" if ehr.get("age") is not None else f"this {noun}"
@@ -90,7 +94,7 @@ def clinic_letter(ehr: dict[str, Any]) -> str:
 
 def registry_export(ehr: dict[str, Any]) -> str:
     """``"AGE_YRS=72.1 | SEX=F | EDUC_YRS=16 | MMSE_TOTAL=24 | CDR_GLOBAL=0.5"``"""
-    sex = {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+    sex = _sex_letter(ehr)
     fields = [f"AGE_YRS={float(ehr['age']):.1f}" if ehr.get("age") is not None else "", f"SEX={sex}" if sex else "",
               f"EDUC_YRS={ehr['education_years']}" if ehr.get("education_years") is not None else "",
               f"MMSE_TOTAL={ehr['mmse']}" if ehr.get("mmse") is not None else "",
@@ -100,7 +104,7 @@ def registry_export(ehr: dict[str, Any]) -> str:
 
 def progress_note(ehr: dict[str, Any]) -> str:
     """``"Pt 72.1yo F, edu 16y. MMSE 24/30, CDR-GS=0.5."``"""
-    sex = {"male": "M", "female": "F"}.get(sex_of(ehr.get("sex")))
+    sex = _sex_letter(ehr)
     patient = "Pt" + (f" {float(ehr['age']):.1f}yo" if ehr.get("age") is not None else "") + (f" {sex}" if sex else "")
     patient += f", edu {ehr['education_years']}y" if ehr.get("education_years") is not None else ""
     scores = ([f"MMSE {ehr['mmse']}/30"] if ehr.get("mmse") is not None else []) + (
