@@ -57,7 +57,7 @@ IMAGE_ONLY = ["model.loss.lambda_itc_text=0",
 #: drive the image features to collapse, and then the ITC never leaves chance (README, Limitations).
 LM_FREE_STAGE = ["model.loss.lambda_lm=0", "run.max_epoch=16"]
 #: Stage 1 has learned when the epoch mean of its image-Q&A ITC fell at least this much from its first epoch to its
-#: last: 0.21-0.52 in the runs measured, 0.002 in one that never left chance (README, Limitations).
+#: last: 0.21-0.52 in the runs that learned, 0.002 and 0.010 in two that never left chance (README, Limitations).
 STAGE1_MIN_DROP = 0.05
 #: The three models' options on top of demo_pretrain.yaml / demo_eval.yaml.
 MODELS = {"image_text": [], "text_only": TEXT_ONLY, "image_only": IMAGE_ONLY}
