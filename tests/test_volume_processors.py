@@ -804,6 +804,8 @@ def test_registration_options_are_checked():
         harmonising_processor(template_deviation_scale=0.05)
     with pytest.raises(ValueError, match="template_deviation_scale"):
         registering_processor(template_deviation_scale=0.0)
+    with pytest.raises(TypeError, match="register_to_template must be true or false"):
+        harmonising_processor(register_to_template="false")  # a quoted YAML value: truthy, so refused
     cfg = {"image_size": SIZE, "field_of_view_mm": 192, "intensity_normalization": "head_quantiles",
            "register_to_template": True, "template_deviation_scale": 0.05}
     processor = MriVolumeEvalProcessor.from_config(cfg)

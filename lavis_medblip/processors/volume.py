@@ -131,6 +131,8 @@ class MriVolumeProcessor(BaseProcessor):
             raise ValueError(
                 f"intensity_normalization must be one of {list(INTENSITY_NORMALIZATIONS)}, got {intensity_normalization!r}"
             )
+        if not isinstance(register_to_template, bool):  # the string "false" would be truthy
+            raise TypeError(f"register_to_template must be true or false, got {register_to_template!r}")
         if field_of_view_mm is not None and voxel_spacing is not None:
             raise ValueError("set voxel_spacing (resize the longest side) or field_of_view_mm (fixed mm cube), not both")
         if register_to_template and (field_of_view_mm is None or intensity_normalization != "head_quantiles"):
@@ -145,7 +147,7 @@ class MriVolumeProcessor(BaseProcessor):
         self.field_of_view_mm = None if field_of_view_mm is None else float(field_of_view_mm)
         self.bias_field_sigma_mm = None if bias_field_sigma_mm is None else float(bias_field_sigma_mm)
         self.intensity_normalization = str(intensity_normalization)
-        self.register_to_template = bool(register_to_template)
+        self.register_to_template = register_to_template
         self.template_deviation_scale = None if template_deviation_scale is None else float(template_deviation_scale)
         self.dtype = OUTPUT_DTYPES[str(dtype)]
         self.limits = limits
