@@ -9,6 +9,7 @@ random weights). Model, data and timing: README, Design notes.
 
     python benchmarks/train_step.py [--steps 5] [--batch-size 8] [--batches 1] [--threads 2] [--vision demo]
     python benchmarks/train_step.py --vision paper --batch-size 2 --steps 2
+    python benchmarks/train_step.py --settings paper --lm-autocast off   # the LM in fp32 (model.lm.autocast)
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from lavis_medblip.models.config import LM_AUTOCAST
 
 SETTINGS = ("paper", "frozen", "cached")
 #: ``--vision paper``: the paper's vision geometry over the demo config (see medblip_biomedlm.yaml)
@@ -61,7 +64,8 @@ def synthetic_cohort(num_cases: int, image_size: int, seed: int = 0) -> list[dic
 
 
 def run_worker(
-    setting: str, steps: int, batch_size: int, num_batches: int, threads: int | None, cache_dir: str, vision: str
+    setting: str, steps: int, batch_size: int, num_batches: int, threads: int | None, cache_dir: str, vision: str,
+    lm_autocast: str,
 ) -> dict:
     import torch
     from omegaconf import OmegaConf
@@ -76,6 +80,8 @@ def run_worker(
         cfg.merge_with(PAPER_VISION)
     cfg.freeze_vision_stem = setting != "paper"
     cfg.vision_feature_cache = cache_dir if setting == "cached" else None
+    if lm_autocast != "config":
+        cfg.lm.autocast = None if lm_autocast == "off" else lm_autocast
     torch.manual_seed(0)
     model = MedBLIP.from_config(cfg).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -131,6 +137,7 @@ def run_worker(
         "loss": loss,
         "cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
         "threads": torch.get_num_threads(),
+        "lm_autocast": cfg.lm.autocast,
         "baseline_rss_mb": baseline_rss,
         "peak_rss_mb": peak_rss_mb(),
     }
@@ -144,13 +151,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--vision", choices=("demo", "paper"), default="demo", help="the demo's or the paper's vision path")
+    parser.add_argument("--lm-autocast", choices=("config", "off", *LM_AUTOCAST), default="config",
+                        help="model.lm.autocast: the demo config's, or off (fp32) or one of its values")
     parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.worker:
         result = run_worker(args.worker, args.steps, args.batch_size, args.batches, args.threads, args.cache_dir,
-                            args.vision)
+                            args.vision, args.lm_autocast)
         print(json.dumps(result))
         return
 
@@ -160,7 +169,7 @@ def main() -> None:
         for setting in args.settings:
             command = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps),
                        "--batch-size", str(args.batch_size), "--batches", str(args.batches), "--cache-dir", cache_dir,
-                       "--vision", args.vision]
+                       "--vision", args.vision, "--lm-autocast", args.lm_autocast]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -171,7 +180,8 @@ def main() -> None:
     first = next(iter(results.values()))
     vision = "48³ volumes, 2-block ViT" if args.vision == "demo" else "paper vision: 224³ volumes, EVA ViT-g"
     print(f"model_type demo (MiniLM Q-Former + SmolLM2-135M LoRA, {vision}), batch {args.batch_size}, "
-          f"{args.steps} timed steps after {args.batches} warm-up step(s), torch threads {first['threads']}")
+          f"{args.steps} timed steps after {args.batches} warm-up step(s), torch threads {first['threads']}, "
+          f"LM autocast {first['lm_autocast']}")
     print("median step; CPU s/step = CPU time of all the process's threads (robust to other jobs)")
     print(f"{'setting':<8}{'samples/s':>11}{'s/step':>9}{'CPU s/step':>12}{'vision s/step':>15}{'trainable':>12}"
           f"{'peak RSS MB':>13}{'(above model)':>15}  cache")

@@ -145,6 +145,8 @@ def test_a_checkpoint_records_the_nested_config(tiny_config, tmp_path):
      "model.qformer.config_overrides: hidden_size must be divisible by num_attention_heads (got 64 and 5)"),
     ({"lm": {"lora": {"dropout": 1.0}}}, "model.lm.lora.dropout must be in [0, 1) (got 1.0)"),
     ({"lm": {"dtype": "int8"}}, "model.lm.dtype must be one of ['float32', 'float16', 'bfloat16'] (got 'int8')"),
+    ({"lm": {"autocast": "float16"}},
+     "model.lm.autocast must be null or one of ['bfloat16', 'bfloat16_if_native'] (got 'float16')"),
     ({"loss": {"lambda_lm": -1}}, "model.loss.lambda_lm must not be negative (got -1.0)"),
     ({"prompt_order": ["image", "text"]}, "model.prompt_order must order ['image', 'text', 'question']"),
     ({"vision": {"patch": 16}},

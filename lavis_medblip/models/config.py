@@ -28,6 +28,8 @@ PROMPT_SEGMENTS = ("image", "text", "question")
 TEXT_ONLY_SEGMENTS = ("text", "question")
 VIT_PRECISIONS = ("fp16", "fp32")
 LM_DTYPES = ("float32", "float16", "bfloat16")
+#: model.lm.autocast: the LM's forward in bf16 always, or only where the hardware multiplies bf16 natively.
+LM_AUTOCAST = ("bfloat16", "bfloat16_if_native")
 #: Architectures of the 2D encoders the 3D stem can feed, by LAVIS's ``vit_model`` name.
 VIT_PRESETS: dict[str, dict[str, Any]] = {
     # LAVIS's create_eva_vit_g: EVA-CLIP ViT-g/14 with its last block removed (39 of 40).
@@ -140,12 +142,21 @@ class LanguageModelConfig:
     num_layers: int | None = field(default=None, metadata={
         "help": "keep only the LM's first N transformer blocks (a cheaper LM for CPU runs); null: all of them"})
     dtype: str = field(default="float32", metadata={"help": f"of the LM's weights, one of {list(LM_DTYPES)}"})
+    autocast: str | None = field(default=None, metadata={
+        "help": "run the LM's forward under torch.autocast: null, off (weights and arithmetic in lm.dtype); "
+                "bfloat16; bfloat16_if_native, bf16 on a GPU that supports it or a CPU with AVX512-BF16 or AMX, "
+                "else off (other CPUs emulate bf16, slower than fp32). The weights stay in lm.dtype"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "the LM's attention kernel, transformers' attn_implementation (eager, sdpa, ...); null: "
+                "transformers' default"})
     trust_remote_code: bool = field(default=False, metadata={"help": "let the hub LM run its own modelling code"})
     lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": "LoRA on the LM (model.lm.lora)"})
 
     def __post_init__(self) -> None:
         if self.dtype not in LM_DTYPES:
             raise ValueError(f"{self.KEY}.dtype must be one of {list(LM_DTYPES)} (got {self.dtype!r})")
+        if self.autocast is not None and self.autocast not in LM_AUTOCAST:
+            raise ValueError(f"{self.KEY}.autocast must be null or one of {list(LM_AUTOCAST)} (got {self.autocast!r})")
         if self.num_layers is not None:
             _check_positive(self.KEY, num_layers=self.num_layers)
         if self.config_overrides is not None and "model_type" not in self.config_overrides:

@@ -3,6 +3,7 @@ one adapter that lays out prompts, scores answers and generates for either famil
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -43,10 +44,11 @@ class LanguageModel(nn.Module):
     The loss is taken on answer tokens only.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Any):
+    def __init__(self, model: nn.Module, tokenizer: Any, autocast: str | None = None):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.autocast_mode = autocast  # model.lm.autocast
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's wrapper
         # Llama-family LMs compute logits at chosen positions only: a 49k-word vocabulary over every
@@ -65,6 +67,7 @@ class LanguageModel(nn.Module):
         """Build from ``model.lm``: a pretrained LM (or a random one of ``config_overrides``), frozen, with LoRA."""
         name, remote, gguf_file = config.model, config.trust_remote_code, config.gguf_file
         dtype = DTYPES[config.dtype]
+        attention = {"attn_implementation": config.attn_implementation} if config.attn_implementation else {}
         tokenizer_source = config.tokenizer or name
         if tokenizer_source is None:
             raise ValueError("set model.lm.tokenizer (or model.lm.model) to a tokenizer name or folder")
@@ -77,7 +80,7 @@ class LanguageModel(nn.Module):
             overrides = dict(config.config_overrides)
             lm_config = AutoConfig.for_model(overrides.pop("model_type"), **overrides)
             auto = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
-            model = auto.from_config(lm_config, torch_dtype=dtype)
+            model = auto.from_config(lm_config, torch_dtype=dtype, **attention)
         else:
             gguf = {"gguf_file": gguf_file} if gguf_file else {}
             lm_config = from_pretrained_or_explain(AutoConfig.from_pretrained, "lm.model", name,
@@ -86,12 +89,12 @@ class LanguageModel(nn.Module):
                 lm_config.num_hidden_layers = min(config.num_layers, lm_config.num_hidden_layers)
             auto = AutoModelForSeq2SeqLM if lm_config.is_encoder_decoder else AutoModelForCausalLM
             model = from_pretrained_or_explain(auto.from_pretrained, "lm.model", name, config=lm_config,
-                                               torch_dtype=dtype, trust_remote_code=remote, **gguf)
+                                               torch_dtype=dtype, trust_remote_code=remote, **gguf, **attention)
         for parameter in model.parameters():
             parameter.requires_grad = False
         if config.lora.enabled:
             model = _add_lora(model, config.lora)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, autocast=config.autocast)
 
     @property
     def hidden_size(self) -> int:
@@ -163,11 +166,22 @@ class LanguageModel(nn.Module):
         labels = _padded_labels(label_rows, device) if answer_ids is not None else None
         return PromptBatch(embeds, attention_mask.to(device), labels)
 
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The LM's forward passes run in this context: bf16 autocast as ``model.lm.autocast`` asks, else none."""
+        mode = self.autocast_mode
+        if mode is None or (mode == "bfloat16_if_native" and not computes_bfloat16_natively(device)):
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
     # ---- scoring, loss, generation ----------------------------------------------------------------
     def answer_log_likelihood(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence: the summed log-probability of the answer tokens, and how many there are."""
         if batch.labels is None:
             raise ValueError("answer_log_likelihood needs a batch built with answer_ids")
+        with self.autocast(batch.inputs_embeds.device):
+            return self._answer_log_likelihood(batch)
+
+    def _answer_log_likelihood(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_encoder_decoder:
             logits = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
                                 labels=batch.labels).logits
@@ -202,6 +216,11 @@ class LanguageModel(nn.Module):
             Per candidate, sample-major: the summed log-probability of its answer tokens (eos included) and
             their count.
         """
+        with self.autocast(prompt.inputs_embeds.device):
+            return self._score_answers(prompt, answer_ids, num_candidates)
+
+    def _score_answers(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]],
+                       num_candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.packs_answers:
             return self._score_packed(prompt, answer_ids, num_candidates)
         labels = self._answer_labels(answer_ids, prompt.inputs_embeds.device)
@@ -317,14 +336,26 @@ class LanguageModel(nn.Module):
 
     def generate(self, batch: PromptBatch, **generate_kwargs: Any) -> list[str]:
         """Decode answers for a (left-padded, label-free) prompt batch."""
-        output_ids = self.model.generate(
-            inputs_embeds=batch.inputs_embeds,
-            attention_mask=batch.attention_mask,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **generate_kwargs,
-        )
+        with self.autocast(batch.inputs_embeds.device):
+            output_ids = self.model.generate(
+                inputs_embeds=batch.inputs_embeds,
+                attention_mask=batch.attention_mask,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **generate_kwargs,
+            )
         return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
+
+
+def computes_bfloat16_natively(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU that supports bf16, or a CPU with AVX512-BF16
+    or AMX (``torch.cpu``'s probes). Elsewhere bf16 arithmetic is emulated, and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
 
 
 def _padded_labels(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
