@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lavis_medblip.models import MedBLIP
-from lavis_medblip.models import language_model as language_model_module
+from lavis_medblip.models import precision
 
 CLASSES = ["not demented", "mild cognitive impairment", "Alzheimer's disease"]
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -57,7 +57,7 @@ def test_a_bfloat16_training_step_gives_fp32_gradients_to_lora_and_the_q_former(
 
 @pytest.mark.parametrize("native", [True, False], ids=["native_bf16", "emulated_bf16"])
 def test_bfloat16_if_native_autocasts_only_where_the_hardware_has_bf16(tiny_config, samples, monkeypatch, native):
-    monkeypatch.setattr(language_model_module, "computes_bfloat16_natively", lambda device: native)
+    monkeypatch.setattr(precision, "computes_bfloat16_natively", lambda device: native)
     model = build(tiny_config, autocast="bfloat16_if_native").eval()
     dtypes = lm_output_dtypes(model)
 

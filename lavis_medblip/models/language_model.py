@@ -3,7 +3,6 @@ one adapter that lays out prompts, scores answers and generates for either famil
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import logging
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 from transformers.pytorch_utils import Conv1D
 
 from lavis_medblip.models.config import LM_DTYPES, LanguageModelConfig, LoRAConfig
+from lavis_medblip.models.precision import lm_autocast
 from lavis_medblip.models.weights import from_pretrained_or_explain
 
 logger = logging.getLogger(__name__)
@@ -166,19 +166,12 @@ class LanguageModel(nn.Module):
         labels = _padded_labels(label_rows, device) if answer_ids is not None else None
         return PromptBatch(embeds, attention_mask.to(device), labels)
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """The LM's forward passes run in this context: bf16 autocast as ``model.lm.autocast`` asks, else none."""
-        mode = self.autocast_mode
-        if mode is None or (mode == "bfloat16_if_native" and not computes_bfloat16_natively(device)):
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-
     # ---- scoring, loss, generation ----------------------------------------------------------------
     def answer_log_likelihood(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sequence: the summed log-probability of the answer tokens, and how many there are."""
         if batch.labels is None:
             raise ValueError("answer_log_likelihood needs a batch built with answer_ids")
-        with self.autocast(batch.inputs_embeds.device):
+        with lm_autocast(self.autocast_mode, batch.inputs_embeds.device):
             return self._answer_log_likelihood(batch)
 
     def _answer_log_likelihood(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +209,7 @@ class LanguageModel(nn.Module):
             Per candidate, sample-major: the summed log-probability of its answer tokens (eos included) and
             their count.
         """
-        with self.autocast(prompt.inputs_embeds.device):
+        with lm_autocast(self.autocast_mode, prompt.inputs_embeds.device):
             return self._score_answers(prompt, answer_ids, num_candidates)
 
     def _score_answers(self, prompt: PromptBatch, answer_ids: Sequence[Sequence[int]],
@@ -336,7 +329,7 @@ class LanguageModel(nn.Module):
 
     def generate(self, batch: PromptBatch, **generate_kwargs: Any) -> list[str]:
         """Decode answers for a (left-padded, label-free) prompt batch."""
-        with self.autocast(batch.inputs_embeds.device):
+        with lm_autocast(self.autocast_mode, batch.inputs_embeds.device):
             output_ids = self.model.generate(
                 inputs_embeds=batch.inputs_embeds,
                 attention_mask=batch.attention_mask,
@@ -345,17 +338,6 @@ class LanguageModel(nn.Module):
                 **generate_kwargs,
             )
         return [text.strip() for text in self.tokenizer.batch_decode(output_ids, skip_special_tokens=True)]
-
-
-def computes_bfloat16_natively(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bf16 matrices in hardware: a GPU that supports bf16, or a CPU with AVX512-BF16
-    or AMX (``torch.cpu``'s probes). Elsewhere bf16 arithmetic is emulated, and slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
-    return False
 
 
 def _padded_labels(rows: Sequence[Sequence[int]], device: torch.device) -> torch.Tensor:
