@@ -74,3 +74,13 @@ def test_eager_attention_scores_as_the_default_kernel_does(tiny_config, samples)
     assert eager.language_model.model.config._attn_implementation == "eager"
     assert eager.language_model.packs_answers  # eager attention honours the ranking's 4D mask
     torch.testing.assert_close(ranking.scores, default.predict_answers(samples, CLASSES).scores, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("native, expected", [
+    (True, "LM arithmetic: bf16 autocast (model.lm.autocast: bfloat16_if_native; this cpu has native bf16)"),
+    (False, "LM arithmetic: float32 (model.lm.autocast: bfloat16_if_native; this cpu has no native bf16)"),
+], ids=["native_bf16", "emulated_bf16"])
+def test_the_demo_names_the_lm_arithmetic_it_ran(monkeypatch, native, expected):
+    monkeypatch.setattr(precision, "computes_bfloat16_natively", lambda device: native)
+
+    assert precision.describe({"dtype": "float32", "autocast": "bfloat16_if_native"}) == expected

@@ -3,6 +3,7 @@ bf16 autocast always, or only where the hardware multiplies bf16 natively; the w
 from __future__ import annotations
 
 import contextlib
+from typing import Any, Mapping
 
 import torch
 
@@ -18,8 +19,19 @@ def computes_bfloat16_natively(device: torch.device) -> bool:
     return False
 
 
+def autocasts(mode: str | None, device: torch.device) -> bool:
+    """Whether ``model.lm.autocast: mode`` runs the LM in bf16 on ``device``."""
+    return mode == "bfloat16" or (mode == "bfloat16_if_native" and computes_bfloat16_natively(device))
+
+
 def lm_autocast(mode: str | None, device: torch.device) -> contextlib.AbstractContextManager:
     """The context the LM's forward passes on ``device`` run in for ``model.lm.autocast: mode``."""
-    if mode is None or (mode == "bfloat16_if_native" and not computes_bfloat16_natively(device)):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, dtype=torch.bfloat16) if autocasts(mode, device) else contextlib.nullcontext()
+
+
+def describe(lm: Mapping[str, Any], device: torch.device = torch.device("cpu")) -> str:
+    """What an LM of the ``model.lm`` section ``lm`` computes in on ``device``, in a line (the demo prints it)."""
+    arithmetic = "bf16 autocast" if autocasts(lm.get("autocast"), device) else lm.get("dtype", "float32")
+    native = "has" if computes_bfloat16_natively(device) else "has no"
+    return (f"LM arithmetic: {arithmetic} (model.lm.autocast: {lm.get('autocast')}; "
+            f"this {device.type} {native} native bf16)")
