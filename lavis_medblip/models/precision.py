@@ -33,5 +33,5 @@ def describe(lm: Mapping[str, Any], device: torch.device = torch.device("cpu")) 
     """What an LM of the ``model.lm`` section ``lm`` computes in on ``device``, in a line (the demo prints it)."""
     arithmetic = "bf16 autocast" if autocasts(lm.get("autocast"), device) else lm.get("dtype", "float32")
     native = "has" if computes_bfloat16_natively(device) else "has no"
-    return (f"LM arithmetic: {arithmetic} (model.lm.autocast: {lm.get('autocast')}; "
+    return (f"LM arithmetic: {arithmetic} (model.lm.autocast: {lm.get('autocast') or 'null'}; "
             f"this {device.type} {native} native bf16)")
