@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lavis_medblip.models import MedBLIP
-from lavis_medblip.models import precision
+from lavis_medblip.models import MedBLIP, precision
 
 CLASSES = ["not demented", "mild cognitive impairment", "Alzheimer's disease"]
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -44,7 +43,7 @@ def test_bfloat16_autocast_scores_as_fp32_does_within_bf16_rounding(tiny_config,
     assert not torch.equal(ranking.scores, reference.scores)
 
 
-def test_a_bfloat16_training_step_gives_fp32_gradients_to_lora_and_the_q_former(tiny_config, samples):
+def test_a_bfloat16_training_step_gives_fp32_gradients_to_lora_and_the_visual_prefix(tiny_config, samples):
     model = build(tiny_config, autocast="bfloat16").train()
 
     model(samples).loss.backward()
