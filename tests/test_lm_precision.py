@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lavis_medblip.models import MedBLIP, precision
+from lavis_medblip.models.config import LanguageModelConfig
 
 CLASSES = ["not demented", "mild cognitive impairment", "Alzheimer's disease"]
 LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -82,4 +83,4 @@ def test_eager_attention_scores_as_the_default_kernel_does(tiny_config, samples)
 def test_the_demo_names_the_lm_arithmetic_it_ran(monkeypatch, native, expected):
     monkeypatch.setattr(precision, "computes_bfloat16_natively", lambda device: native)
 
-    assert precision.describe({"dtype": "float32", "autocast": "bfloat16_if_native"}) == expected
+    assert precision.describe(LanguageModelConfig(autocast="bfloat16_if_native")) == expected

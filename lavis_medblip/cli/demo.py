@@ -383,10 +383,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from lavis_medblip.cli.demo_report import write_report  # here: it imports this module's names
     from lavis_medblip.models import MedBLIP, precision  # here: torch and transformers
+    from lavis_medblip.models.config import MedBLIPConfig
 
     report = write_report(demo.cohort, results, rows, demo.root / "report.png")
     write_results(demo.root / "results.json", rows, intervals)
-    print(precision.describe(OmegaConf.load(MedBLIP.default_config_path("demo")).model.lm))  # it moves the rows
+    demo_model = MedBLIPConfig.from_dict(OmegaConf.load(MedBLIP.default_config_path("demo")).model)
+    print(precision.describe(demo_model.lm))  # the LM's arithmetic moves the rows
     print("minutes: " + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in timings.items()))
     print(f"report: {report}  metrics: {demo.root / 'results.json'}  ({(time.time() - start) / 60:.1f} min)")
     print("the same models on 300 more held-out subjects per set: python benchmarks/demo_on_fresh_subjects.py")

@@ -3,9 +3,10 @@ bf16 autocast always, or only where the hardware multiplies bf16 natively; the w
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
 
 import torch
+
+from lavis_medblip.models.config import LanguageModelConfig
 
 
 def computes_bfloat16_natively(device: torch.device) -> bool:
@@ -29,9 +30,9 @@ def lm_autocast(mode: str | None, device: torch.device) -> contextlib.AbstractCo
     return torch.autocast(device.type, dtype=torch.bfloat16) if autocasts(mode, device) else contextlib.nullcontext()
 
 
-def describe(lm: Mapping[str, Any], device: torch.device = torch.device("cpu")) -> str:
+def describe(lm: LanguageModelConfig, device: torch.device = torch.device("cpu")) -> str:
     """What an LM of the ``model.lm`` section ``lm`` computes in on ``device``, in a line (the demo prints it)."""
-    arithmetic = "bf16 autocast" if autocasts(lm.get("autocast"), device) else lm.get("dtype", "float32")
+    arithmetic = "bf16 autocast" if autocasts(lm.autocast, device) else lm.dtype
     native = "has" if computes_bfloat16_natively(device) else "has no"
-    return (f"LM arithmetic: {arithmetic} (model.lm.autocast: {lm.get('autocast') or 'null'}; "
+    return (f"LM arithmetic: {arithmetic} (model.lm.autocast: {lm.autocast or 'null'}; "
             f"this {device.type} {native} native bf16)")
