@@ -22,6 +22,7 @@ from lavis.models import load_preprocess
 from omegaconf import OmegaConf
 
 import lavis_medblip  # noqa: F401  (registers the model, processors and YAML resolvers)
+from lavis_medblip.annotations.ehr import EXPLAIN_QUESTION
 from lavis_medblip.annotations.schema import CLASS_ANSWERS
 from lavis_medblip.models.bundle import merge_options, read_bundle_config
 from lavis_medblip.processors.dicom import is_dicom_series
@@ -29,9 +30,6 @@ from lavis_medblip.processors.readers import has_volume_suffix, scan_name
 from lavis_medblip.processors.volume_types import VolumeReadError, degenerate_volume_warnings
 
 DEFAULT_MODEL = "medblip"
-#: Asked for ``--explain``: the model's diagnosis question asks for a label only.
-EXPLAIN_QUESTION = "Question: What will this subject be diagnosed with, and why? Answer:"
-
 
 # ---- finding scans --------------------------------------------------------------------------------
 

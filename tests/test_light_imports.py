@@ -1,4 +1,5 @@
-"""Import costs: the data-preparation path stays free of LAVIS/torch; the LAVIS registration is unchanged.
+"""Import costs: the data-preparation path and the commands' --help stay free of LAVIS/torch; the LAVIS
+registration is unchanged.
 
 Each check runs in a fresh interpreter, since this test process has imported everything already.
 """
@@ -57,6 +58,47 @@ def test_data_preparation_modules_import_without_lavis_or_torch():
 
 def test_the_cohort_simulator_imports_torch_but_not_lavis():
     assert heavy_modules_after(["dataset_builders.simulate_cohort"]) == ["torch"]
+
+
+#: The installed commands (setup.py's console scripts), as ``python -m`` runs them.
+COMMANDS = ("lavis_medblip.train", "lavis_medblip.evaluate", "lavis_medblip.predict", "lavis_medblip.export",
+            "lavis_medblip.warm_cache", "lavis_medblip.app")
+
+
+def heavy_modules_after_command(module: str, arguments: list[str]) -> tuple[int, str, list[str]]:
+    """Run ``python -m module *arguments`` in a fresh interpreter until it exits: (exit code, what it printed,
+    which of :data:`HEAVY` it loaded)."""
+    code = f"""
+        import contextlib, io, json, runpy, sys
+        sys.argv = [{module!r}, *{arguments!r}]
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            try:
+                runpy.run_module({module!r}, run_name="__main__")
+                code = 0
+            except SystemExit as exit:
+                code = exit.code
+        print(json.dumps([code, printed.getvalue(), [name for name in {HEAVY!r} if name in sys.modules]]))
+    """
+    return tuple(json.loads(run_python(code)))
+
+
+@pytest.mark.parametrize("module", COMMANDS)
+def test_every_command_answers_help_before_loading_lavis_or_torch(module):
+    code, printed, heavy = heavy_modules_after_command(module, ["--help"])
+    assert (code, heavy) == (0, [])
+    assert printed.startswith(f"usage: python -m {module}")
+
+
+def test_a_wrong_path_is_named_before_lavis_or_torch_load(tmp_path):
+    missing = tmp_path / "pretrain.yaml"
+    code, printed, heavy = heavy_modules_after_command("lavis_medblip.train", ["--cfg-path", str(missing)])
+    assert (code, heavy) == (2, [])
+    assert f"--cfg-path {missing}: no such file" in printed
+    code, printed, heavy = heavy_modules_after_command(
+        "lavis_medblip.predict", ["--model-type", "demo", "--image", str(tmp_path / "scan.nii.gz")])
+    assert (code, heavy) == (2, [])
+    assert f"{tmp_path / 'scan.nii.gz'}: no such file or directory" in printed
 
 
 REGISTRY_SNAPSHOT = """

@@ -35,6 +35,8 @@ from typing import Any, Mapping
 
 #: The paper's question (eq. 2); the prompt ends with it, the answer follows.
 DIAGNOSIS_QUESTION = "Question: What will this subject be diagnosed with? Answer:"
+#: Asked for an explanation (``predict --explain``): the diagnosis question asks for a label only.
+EXPLAIN_QUESTION = "Question: What will this subject be diagnosed with, and why? Answer:"
 
 #: The MMSE's maximum score; valid scores are 0 to it.
 MMSE_MAX = 30

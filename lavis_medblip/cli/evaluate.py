@@ -7,7 +7,7 @@ from lavis_medblip.cli.launch import build_runner
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    runner, _ = build_runner(argv, description="Evaluate MedBLIP with LAVIS's runner")
+    runner, _ = build_runner(argv, "python -m lavis_medblip.evaluate", "Evaluate MedBLIP with LAVIS's runner")
     return runner.evaluate(skip_reload=True)
 
 

@@ -16,10 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-from lavis_medblip.inference import load_config
-from lavis_medblip.models.bundle import LOCAL_KEYS, merge_options, read_metrics
-from lavis_medblip.models.config import MedBLIPConfig
-from lavis_medblip.models.weights import CheckpointError, read_checkpoint
+# LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +41,10 @@ def recorded_model_config(path: str, options: Sequence[str]) -> Any:
 
     The checkpoint is read here and again by ``load_checkpoint``: it holds the trained parameters only.
     """
+    from lavis_medblip.models.bundle import merge_options
+    from lavis_medblip.models.config import MedBLIPConfig
+    from lavis_medblip.models.weights import CheckpointError, read_checkpoint
+
     checkpoint = read_checkpoint(path)
     config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
     config = config.get("model", config) if isinstance(config, Mapping) else None
@@ -59,12 +60,15 @@ def recorded_model_config(path: str, options: Sequence[str]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lavis_medblip.models import MedBLIP
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    from lavis_medblip.inference import load_config
+    from lavis_medblip.models import MedBLIP
+    from lavis_medblip.models.bundle import LOCAL_KEYS, read_metrics
+    from lavis_medblip.models.weights import CheckpointError
+
     try:
         metrics = read_metrics(args.metrics)
         config = load_config(args.model_type, args.options) if args.model_type else None

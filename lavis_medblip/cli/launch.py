@@ -14,31 +14,37 @@ import datetime
 import logging
 import os
 import random
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import numpy as np
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    from lavis.common.config import Config
 
-import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers)
-import lavis.tasks as tasks
-from lavis.common.config import Config
-from lavis.common.dist_utils import get_rank, setup_for_distributed
-from lavis.common.logger import setup_logger
-from lavis.common.registry import registry
-
-import lavis_medblip  # noqa: F401  (registers models, processors, builders, tasks, runners)
+# LAVIS, torch and the plugin are imported inside the functions below, after the command line is checked: loading
+# them takes seconds, and --help or a wrong --cfg-path should answer at once.
 
 
-def parse_args(argv: Sequence[str] | None, description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The command line of LAVIS's scripts: ``--cfg-path`` and ``--options``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--cfg-path", required=True, help="path to a project YAML, e.g. projects/medblip/demo_pretrain.yaml")
     parser.add_argument("--options", nargs="+", help="override settings as key=value, e.g. run.max_epoch=2")
-    return parser.parse_args(argv)
+    return parser
 
 
-def init_distributed_mode(run_cfg) -> None:
+def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; a ``--cfg-path`` that is not a file is a usage error (before LAVIS loads)."""
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.cfg_path):
+        parser.error(f"--cfg-path {args.cfg_path}: no such file")
+    return args
+
+
+def init_distributed_mode(run_cfg: Any) -> None:
     """LAVIS's ``init_distributed_mode`` with gloo (and no ``cuda.set_device``) when there is no GPU."""
+    import torch
+    import torch.distributed as dist
+    from lavis.common.dist_utils import setup_for_distributed
+
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         run_cfg.distributed = False
         return
@@ -58,15 +64,30 @@ def init_distributed_mode(run_cfg) -> None:
 
 
 def setup_seeds(config: Config) -> None:
+    import numpy as np
+    import torch
+    from lavis.common.dist_utils import get_rank
+
     seed = int(config.run_cfg.seed) + get_rank()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def build_runner(argv: Sequence[str] | None, description: str):
+def build_runner(argv: Sequence[str] | None, prog: str, description: str):
     """Parse the command line and build (runner, config) exactly as LAVIS's scripts do."""
-    args = parse_args(argv, description)
+    args = parse_config_args(config_parser(prog, description), argv)
+    import torch
+    import torch.distributed as dist
+
+    import lavis.common.optims  # noqa: F401  (registers LAVIS's lr schedulers)
+    import lavis.tasks as tasks
+    from lavis.common.config import Config
+    from lavis.common.logger import setup_logger
+    from lavis.common.registry import registry
+
+    import lavis_medblip  # noqa: F401  (registers models, processors, builders, tasks, runners)
+
     cfg = Config(args)
     if not torch.cuda.is_available() and str(cfg.run_cfg.get("device", "cuda")).startswith("cuda"):
         logging.warning("no CUDA device: running on CPU")

@@ -38,31 +38,18 @@ import csv
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO, TypeVar
 
 from tqdm import tqdm
 
+from lavis_medblip.annotations.ehr import EXPLAIN_QUESTION
 from lavis_medblip.annotations.schema import CLASS_NAMES
-from lavis_medblip.inference import (
-    EXPLAIN_QUESTION,
-    Case,
-    Prediction,
-    Predictor,
-    cases_from_csv,
-    cases_from_folder,
-    default_device,
-    find_scans,
-    load_model,
-    model_source,
-)
-from lavis_medblip.models.calibration import Calibration
-from lavis_medblip.models.weights import CheckpointError
-from lavis_medblip.processors.dicom import is_dicom_series
-from lavis_medblip.processors.volume_types import VolumeReadError
-from lavis_medblip.relevance import explain_scan, format_regions, relevance_path
-from lavis_medblip.storage import atomic_file
-from lavis_medblip.visualize import plot_volume_report
 
+if TYPE_CHECKING:
+    from lavis_medblip.inference import Case, Prediction, Predictor
+    from lavis_medblip.processors.volume_types import VolumeReadError
+
+# LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
 
 # ---- running ----------------------------------------------------------------------------------------
 
@@ -81,6 +68,7 @@ class RelevanceOutput:
 
     def write(self, predictor: Predictor, case: Case, prediction: Prediction) -> Any:
         """Explain ``prediction`` of ``case`` and write the map; returns the ``ScanRelevance``."""
+        from lavis_medblip.relevance import explain_scan, relevance_path
         relevance = explain_scan(predictor, case.path, case.text, self.method, prediction=prediction)
         relevance.image.to_filename(str(relevance_path(self.directory, case.case_id, make_folders=True)))
         return relevance
@@ -132,6 +120,7 @@ def run_batch(predictor: Predictor, cases: Sequence[Case], output: TextIO, batch
     With ``on_error="raise"`` the batch holding the first unreadable scan is still read and scored
     whole, its diagnosed rows written, and then :class:`PredictionStopped` names every failure in it.
     """
+    from lavis_medblip.relevance import format_regions
     writer = results_writer(predictor, output, relevance is not None)
     tally = Tally()
     with tqdm(total=len(cases), unit="scan", desc="diagnosing", file=sys.stderr) as progress:
@@ -174,6 +163,7 @@ def write_results(path: Path | None, write: Callable[[TextIO], Written]) -> Writ
 
     The file is replaced only when ``write`` succeeds (see :func:`lavis_medblip.storage.atomic_file`).
     """
+    from lavis_medblip.storage import atomic_file
     if path is None:
         return write(sys.stdout)
     with atomic_file(path, "w", newline="", encoding="utf-8") as output:
@@ -183,6 +173,8 @@ def write_results(path: Path | None, write: Callable[[TextIO], Written]) -> Writ
 def run_single(predictor: Predictor, case: Case, report: Path | None, output: TextIO,
                relevance: RelevanceOutput | None = None) -> dict[str, str]:
     """Print the diagnosis of one scan and return its results row (raises ``VolumeReadError`` naming the file)."""
+    from lavis_medblip.relevance import format_regions, relevance_path
+    from lavis_medblip.visualize import plot_volume_report
     scan = predictor.read(case)
     if scan.error is not None:
         raise scan.error
@@ -317,6 +309,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def names_one_scan(image: Path) -> bool:
+    from lavis_medblip.inference import find_scans
+    from lavis_medblip.processors.dicom import is_dicom_series
     return image.is_file() or (is_dicom_series(image) and find_scans(image) == [image])
 
 
@@ -324,6 +318,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
+    from lavis_medblip.inference import (
+        Case, Predictor, cases_from_csv, cases_from_folder, default_device, load_model, model_source,
+    )
+    from lavis_medblip.models.calibration import Calibration
+    from lavis_medblip.models.weights import CheckpointError
+    from lavis_medblip.processors.volume_types import VolumeReadError
 
     single = args.image is not None and names_one_scan(args.image)
     skipped_rows: list[str] = []

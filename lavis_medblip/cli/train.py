@@ -10,7 +10,7 @@ from lavis_medblip.cli.launch import build_runner
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    runner, _ = build_runner(argv, description="Train MedBLIP with LAVIS's runner")
+    runner, _ = build_runner(argv, "python -m lavis_medblip.train", "Train MedBLIP with LAVIS's runner")
     runner.train()
 
 

@@ -16,14 +16,14 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+from lavis_medblip.cli.launch import config_parser, parse_config_args
 
+# LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
 logger = logging.getLogger(__name__)
 
 
-class _Preprocess(Dataset):
-    """``(processor, path)`` pairs; an item is ``None`` or the error that ``path`` raised."""
+class _Preprocess:
+    """``(processor, path)`` pairs, a map-style dataset; an item is ``None`` or the error that ``path`` raised."""
 
     def __init__(self, jobs: Sequence[tuple[Any, Path]]):
         self.jobs = list(jobs)
@@ -62,6 +62,7 @@ def warm_cache(datasets: dict[str, dict[str, Any]], workers: int = 1) -> dict[st
 
     Returns ``{"images": n, "failed": [messages]}``.
     """
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     jobs = cached_images(datasets)
@@ -76,15 +77,14 @@ def warm_cache(datasets: dict[str, dict[str, Any]], workers: int = 1) -> dict[st
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    parser = config_parser("python -m lavis_medblip.warm_cache", __doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per core)")
+    args = parse_config_args(parser, argv)
+    import torch
     from lavis.common.config import Config
     from lavis.common.logger import setup_logger
     import lavis.tasks as tasks
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cfg-path", required=True, help="a project YAML, e.g. projects/medblip/demo_pretrain.yaml")
-    parser.add_argument("--options", nargs="+", help="override settings as key=value, as for lavis_medblip.train")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: one per core)")
-    args = parser.parse_args(argv)
     setup_logger()
     cfg = Config(argparse.Namespace(cfg_path=args.cfg_path, options=args.options))
     datasets = tasks.setup_task(cfg).build_datasets(cfg)
