@@ -116,6 +116,12 @@ def find_scans(root: Path) -> list[Path]:
     return search_scans(root).scans
 
 
+def names_one_scan(image: Path) -> bool:
+    """Whether ``image`` is one scan: a file, or a DICOM-series folder with no other scans in it (else a folder of
+    scans)."""
+    return image.is_file() or (is_dicom_series(image) and find_scans(image) == [image])
+
+
 def cases_from_folder(root: Path, text: str) -> list[Case]:
     """Cases for every scan under ``root`` and, with their error, every entry that could not be searched.
 

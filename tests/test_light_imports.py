@@ -91,15 +91,20 @@ def test_every_command_answers_help_before_loading_lavis_or_torch(module):
 
 
 def test_a_wrong_path_is_named_before_lavis_or_torch_load(tmp_path):
-    missing = tmp_path / "pretrain.yaml"
-    code, printed, heavy = heavy_modules_after_command("lavis_medblip.train", ["--cfg-path", str(missing)])
-    assert (code, heavy) == (2, [])
-    assert f"--cfg-path {missing}: no such file" in printed
-    code, printed, heavy = heavy_modules_after_command(
-        "lavis_medblip.predict", ["--model-type", "demo", "--image", str(tmp_path / "scan.nii.gz")])
-    assert (code, heavy) == (2, [])
-    assert f"{tmp_path / 'scan.nii.gz'}: no such file or directory" in printed
-
+    scan, missing = tmp_path / "scan.nii.gz", tmp_path / "missing"
+    scan.write_bytes(b"")
+    for module, arguments, named in [
+        ("lavis_medblip.train", ["--cfg-path", f"{missing}.yaml"], f"--cfg-path {missing}.yaml: no such file"),
+        ("lavis_medblip.warm_cache", ["--cfg-path", f"{missing}.yaml"], f"--cfg-path {missing}.yaml: no such file"),
+        ("lavis_medblip.predict", ["--model-type", "demo", "--image", f"{missing}.nii.gz"],
+         f"{missing}.nii.gz: no such file or directory"),
+        ("lavis_medblip.predict", ["--model-type", "demo", "--checkpoint", f"{missing}.pth", "--image", str(scan)],
+         f"--checkpoint {missing}.pth: no such file or folder"),
+        ("lavis_medblip.app", ["--checkpoint", f"{missing}.pth"], f"--checkpoint {missing}.pth: no such file or folder"),
+    ]:
+        code, printed, heavy = heavy_modules_after_command(module, arguments)
+        assert (code, heavy) == (2, []), module
+        assert named in printed
 
 REGISTRY_SNAPSHOT = """
 from lavis.common.registry import registry

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from lavis_medblip.cli.arguments import check_checkpoint
+
 DEMO_ROOT = Path(".cache/demo")
 
 
@@ -46,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model is not None and (args.model_type is not None or args.checkpoint is not None):
         parser.error("--model is a bundle folder with its own config and weights: not with --model-type/--checkpoint")
+    check_checkpoint(parser, args.checkpoint)
 
     import uvicorn
 

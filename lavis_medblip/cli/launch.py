@@ -9,34 +9,19 @@ paths resolve against ``run.cache_root`` whichever script runs: see
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
 import random
 from typing import TYPE_CHECKING, Any, Sequence
 
+from lavis_medblip.cli.arguments import config_parser, parse_config_args
+
 if TYPE_CHECKING:
     from lavis.common.config import Config
 
 # LAVIS, torch and the plugin are imported inside the functions below, after the command line is checked: loading
 # them takes seconds, and --help or a wrong --cfg-path should answer at once.
-
-
-def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The command line of LAVIS's scripts: ``--cfg-path`` and ``--options``."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--cfg-path", required=True, help="path to a project YAML, e.g. projects/medblip/demo_pretrain.yaml")
-    parser.add_argument("--options", nargs="+", help="override settings as key=value, e.g. run.max_epoch=2")
-    return parser
-
-
-def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; a ``--cfg-path`` that is not a file is a usage error (before LAVIS loads)."""
-    args = parser.parse_args(argv)
-    if not os.path.isfile(args.cfg_path):
-        parser.error(f"--cfg-path {args.cfg_path}: no such file")
-    return args
 
 
 def init_distributed_mode(run_cfg: Any) -> None:

@@ -23,8 +23,8 @@ The probabilities, and what counts as a scan: :mod:`lavis_medblip.inference`. A 
 calibration (``checkpoint_calibrated.pth`` of a run with ``run.calibration_split``) gives calibrated probabilities
 and predictions; ``--uncalibrated`` shows the raw ones.
 
-The results file is written whole or not at all: rows go to a temporary file next to it, renamed over it
-when the run ends. A run that stops (``--on-error raise``, a crash, Ctrl-C) leaves an existing file as it was.
+The results file is written whole or not at all (:func:`write_results`): a run that stops (``--on-error raise``,
+a crash, Ctrl-C) leaves an existing file as it was.
 An ``error`` row is a scan that could not be read; a ``warning`` is a scan that was read and diagnosed but is
 unlikely to be usable (constant, mostly NaN/Inf: a ``DegenerateVolumeWarning`` of the volume processor).
 
@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 from lavis_medblip.annotations.ehr import EXPLAIN_QUESTION
 from lavis_medblip.annotations.schema import CLASS_NAMES
+from lavis_medblip.cli.arguments import check_checkpoint
 
 if TYPE_CHECKING:
     from lavis_medblip.inference import Case, Prediction, Predictor
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.model is not None and args.checkpoint is not None:
         parser.error("--checkpoint goes with --model-type; a --model folder holds its own weights")
+    check_checkpoint(parser, args.checkpoint)
     args.classes = list(args.classes or CLASS_NAMES)
     unknown = [code for code in args.classes if code not in CLASS_NAMES]
     if unknown or len(set(args.classes)) != len(args.classes) or len(args.classes) < 2:
@@ -308,18 +310,12 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error(f"--csv {args.csv}: not a file")
 
 
-def names_one_scan(image: Path) -> bool:
-    from lavis_medblip.inference import find_scans
-    from lavis_medblip.processors.dicom import is_dicom_series
-    return image.is_file() or (is_dicom_series(image) and find_scans(image) == [image])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     from lavis_medblip.inference import (
-        Case, Predictor, cases_from_csv, cases_from_folder, default_device, load_model, model_source,
+        Case, Predictor, cases_from_csv, cases_from_folder, default_device, load_model, model_source, names_one_scan,
     )
     from lavis_medblip.models.calibration import Calibration
     from lavis_medblip.models.weights import CheckpointError

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from lavis_medblip.cli.launch import config_parser, parse_config_args
+from lavis_medblip.cli.arguments import config_parser, parse_config_args
 
 # LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
 logger = logging.getLogger(__name__)
