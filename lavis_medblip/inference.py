@@ -204,8 +204,19 @@ def cases_from_csv(csv_path: Path, skip_bad_rows: bool = False) -> CsvCases:
 # ---- the model ------------------------------------------------------------------------------------
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(device: str | None = None) -> str:
+    """``device``, or cuda when there is one, else cpu; a device this machine lacks is a ``ValueError``."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r}: {error}") from None
+    if kind.type == "cuda" and (not torch.cuda.is_available() or (kind.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available here")
+    return device
 
 
 def load_config(model_type: str, options: Sequence[str]) -> Any:

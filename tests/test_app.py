@@ -16,6 +16,7 @@ import httpx
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
@@ -240,6 +241,12 @@ def test_without_the_demo_checkpoint_the_app_serves_the_hint(tmp_path):
     finally:
         service.close()
 
+
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(ValueError, match="device 'cuda': this machine has 0 CUDA device"):
+        load_service("tiny", str(checkpoint), device="cuda", demo_root=tmp_path)
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is missing (scripts/bootstrap.sh or .ci/run "
                                                    "installs it)")

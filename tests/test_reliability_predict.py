@@ -13,11 +13,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from test_predict_cli import cli, read_rows
 
 from lavis_medblip.annotations.schema import CLASS_ANSWERS
 from lavis_medblip.cli.predict import main
-from lavis_medblip.inference import Predictor, cases_from_csv, search_scans
+from lavis_medblip.inference import Predictor, cases_from_csv, resolve_device, search_scans
 
 PREVIOUS_RESULTS = "id,image,prediction\nearlier-run,scan.nii.gz,AD\n"
 
@@ -287,3 +288,22 @@ def test_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
 
     assert found.scans == [scans / "good.nii.gz"]
     assert found.unsearchable == {scans / "locked": "cannot list folder: Permission denied"}
+
+
+# ---- a device this machine lacks --------------------------------------------------------------------
+
+
+def test_a_device_this_machine_lacks_is_a_usage_error_not_a_traceback(checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a machine with a GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    scan = save_nifti(tmp_path / "scan.nii.gz", brain_like(11))
+
+    for device, problem in [("cuda", "device 'cuda': this machine has 0 CUDA device(s)"),
+                            ("gpu", "device 'gpu': Expected one of cpu, cuda")]:
+        with pytest.raises(SystemExit) as exit:
+            main(cli(checkpoint, "--image", str(scan), "--device", device))
+        assert exit.value.code == 2
+        assert problem in capsys.readouterr().err
+
+    assert resolve_device() == "cpu"
+    assert resolve_device("cpu") == "cpu"

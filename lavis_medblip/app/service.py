@@ -349,10 +349,10 @@ def load_service(model_type: str | None = None, checkpoint: str | None = None, o
 
     ``bundle``: a model bundle folder instead (:func:`~lavis_medblip.inference.model_source`). Neither: the demo model
     with :func:`find_demo_checkpoint`; when that is missing the service has no model (its ``info.problem`` says to run
-    ``make demo``). A bad ``model_type``, ``options``, checkpoint or bundle is a ``ValueError``.
+    ``make demo``). A bad ``model_type``, ``options``, device, checkpoint or bundle is a ``ValueError``.
     """
     from lavis_medblip.annotations.schema import CLASS_NAMES
-    from lavis_medblip.inference import Predictor, default_device, load_model, model_source
+    from lavis_medblip.inference import Predictor, load_model, model_source, resolve_device
     from lavis_medblip.models.weights import CheckpointError
 
     if relevance_method not in relevance_methods():
@@ -365,7 +365,7 @@ def load_service(model_type: str | None = None, checkpoint: str | None = None, o
         if checkpoint is None and found is None:
             return Service(None, ModelInfo(None, None, MAKE_DEMO_HINT), cohort=cohort, **limits)
         model_type, checkpoint = "demo", checkpoint or str(found)
-    device = device or default_device()
+    device = resolve_device(device)
     try:
         config, checkpoint = model_source(model_type, checkpoint, bundle, options)
         model, volume_processor, text_processor = load_model(config, checkpoint, device)

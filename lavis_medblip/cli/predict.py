@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     check_arguments(parser, args)
     from lavis_medblip.inference import (
-        Case, Predictor, cases_from_csv, cases_from_folder, default_device, load_model, model_source, names_one_scan,
+        Case, Predictor, cases_from_csv, cases_from_folder, load_model, model_source, names_one_scan, resolve_device,
     )
     from lavis_medblip.models.calibration import Calibration
     from lavis_medblip.models.weights import CheckpointError
@@ -344,12 +344,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config, weights = model_source(args.model_type, args.checkpoint, args.model, args.options)
+        device = resolve_device(args.device)
     except ValueError as error:
         parser.error(str(error))
     except CheckpointError as error:
         print(f"error: cannot load the model bundle {error}", file=sys.stderr)
         return 1
-    device = args.device or default_device()
     if args.cache_dir is not None:
         config.preprocess.vis_processor.eval.cache_dir = str(args.cache_dir)
     try:
