@@ -91,11 +91,13 @@ def test_every_command_answers_help_before_loading_lavis_or_torch(module):
 
 
 def test_a_wrong_path_is_named_before_lavis_or_torch_load(tmp_path):
-    scan, missing = tmp_path / "scan.nii.gz", tmp_path / "missing"
+    scan, missing, not_yaml = tmp_path / "scan.nii.gz", tmp_path / "missing", tmp_path / "eval.yaml"
     scan.write_bytes(b"")
+    not_yaml.write_text("run: {task: [unclosed\n")
     for module, arguments, named in [
         ("lavis_medblip.train", ["--cfg-path", f"{missing}.yaml"], f"--cfg-path {missing}.yaml: no such file"),
         ("lavis_medblip.warm_cache", ["--cfg-path", f"{missing}.yaml"], f"--cfg-path {missing}.yaml: no such file"),
+        ("lavis_medblip.evaluate", ["--cfg-path", str(not_yaml)], f"--cfg-path {not_yaml}: not a YAML file"),
         ("lavis_medblip.predict", ["--model-type", "demo", "--image", f"{missing}.nii.gz"],
          f"{missing}.nii.gz: no such file or directory"),
         ("lavis_medblip.predict", ["--model-type", "demo", "--checkpoint", f"{missing}.pth", "--image", str(scan)],

@@ -7,6 +7,8 @@ import os
 from typing import Sequence
 from urllib.parse import urlparse
 
+import yaml
+
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The command line of LAVIS's scripts: ``--cfg-path`` and ``--options``."""
@@ -17,10 +19,15 @@ def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """Parse ``argv``; a ``--cfg-path`` that is not a file is a usage error."""
+    """Parse ``argv``; a ``--cfg-path`` that is not a file, or not YAML, is a usage error."""
     args = parser.parse_args(argv)
     if not os.path.isfile(args.cfg_path):
         parser.error(f"--cfg-path {args.cfg_path}: no such file")
+    try:
+        with open(args.cfg_path, encoding="utf-8") as handle:
+            yaml.safe_load(handle)
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        parser.error(f"--cfg-path {args.cfg_path}: not a YAML file: {error}")
     return args
 
 
