@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
 
-# LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
+# LAVIS and torch load where used, after the command line is checked (cli/arguments.py says why).
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,8 +20,7 @@ from lavis_medblip.cli.arguments import config_parser, parse_config_args
 if TYPE_CHECKING:
     from lavis.common.config import Config
 
-# LAVIS, torch and the plugin are imported inside the functions below, after the command line is checked: loading
-# them takes seconds, and --help or a wrong --cfg-path should answer at once.
+# LAVIS and torch load where used, after the command line is checked (cli/arguments.py says why).
 
 
 def init_distributed_mode(run_cfg: Any) -> None:

@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from lavis_medblip.inference import Case, Prediction, Predictor
     from lavis_medblip.processors.volume_types import VolumeReadError
 
-# LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
+# LAVIS and torch load where used, after the command line is checked (cli/arguments.py says why).
 
 # ---- running ----------------------------------------------------------------------------------------
 

@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 from lavis_medblip.cli.arguments import config_parser, parse_config_args
 
-# LAVIS and torch load where used, after the command line is checked: --help and a wrong path answer at once.
+# LAVIS and torch load where used, after the command line is checked (cli/arguments.py says why).
+
 logger = logging.getLogger(__name__)
 
 
