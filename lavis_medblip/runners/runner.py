@@ -234,6 +234,10 @@ class MedBLIPRunner(RunnerBase):
     def evaluate_only(self) -> bool:
         return bool(self.config.run_cfg.get("evaluate", False))  # optional in our YAMLs
 
+    @property
+    def valid_splits(self) -> list[str]:  # RunnerBase's logs at every read: 44 times in a demo lane
+        return list(self.config.run_cfg.get("valid_splits", []))
+
     # ---- the loop -----------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict:
         self.train_loader.set_epoch(epoch)
@@ -249,6 +253,8 @@ class MedBLIPRunner(RunnerBase):
     def _train(self) -> None:
         start_time = time.time()
         self.log_config()
+        if not self.valid_splits:
+            logger.info("No validation splits found: the last epoch's model is the one evaluated.")
         if not self.evaluate_only and self.resume_ckpt_path:
             self._load_checkpoint(self.resume_ckpt_path)
 
