@@ -8,6 +8,7 @@ from typing import Sequence
 from urllib.parse import urlparse
 
 import yaml
+from omegaconf import OmegaConf
 
 
 def config_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -24,8 +25,7 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if not os.path.isfile(args.cfg_path):
         parser.error(f"--cfg-path {args.cfg_path}: no such file")
     try:
-        with open(args.cfg_path, encoding="utf-8") as handle:
-            yaml.safe_load(handle)
+        OmegaConf.load(args.cfg_path)  # as LAVIS's Config reads it
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         parser.error(f"--cfg-path {args.cfg_path}: not a YAML file: {error}")
     return args

@@ -61,9 +61,6 @@ def setup_seeds(config: Config) -> None:
 def build_runner(argv: Sequence[str] | None, prog: str, description: str):
     """Parse the command line and build (runner, config) exactly as LAVIS's scripts do."""
     args = parse_config_args(config_parser(prog, description), argv)
-    # Each epoch's DataLoader workers fork after the LM has tokenised: tokenizers would then turn its thread pool
-    # off anyway, with a warning per fork. Off from the start, unless the user set it.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import torch.distributed as dist
 

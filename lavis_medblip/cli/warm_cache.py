@@ -10,7 +10,6 @@ the log; training then applies the dataset's ``on_error``.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -87,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import lavis.tasks as tasks
 
     setup_logger()
-    cfg = Config(argparse.Namespace(cfg_path=args.cfg_path, options=args.options))
+    cfg = Config(args)  # reads cfg_path and options
     datasets = tasks.setup_task(cfg).build_datasets(cfg)
     torch.set_num_threads(1)  # the workers do the work
     result = warm_cache(datasets, workers=args.workers)

@@ -8,6 +8,7 @@ import datetime
 import fnmatch
 import itertools
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -197,6 +198,8 @@ class MedBLIPRunner(RunnerBase):
         return self._lr_sched
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns, dataset_ratios=None):
+        # Workers fork each epoch after the LM tokenised: tokenizers would then disable its pool, warning each time
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         loaders = []
         seed = int(self.config.run_cfg.get("seed", 42))
         for dataset, batch_size, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
